@@ -1,0 +1,65 @@
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from unclip_lite.course import discover, run_course
+
+
+def _nb(path, *sources):
+    cells = [{"cell_type": "code", "execution_count": None, "id": f"c{i}", "metadata": {}, "outputs": [],
+              "source": src} for i, src in enumerate(sources)]
+    cells[0]["metadata"]["tags"] = ["parameters"]
+    path.write_text(json.dumps({"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}))
+
+
+@pytest.mark.slow
+def test_runner_stops_at_first_failure_and_prints_the_table(tmp_path):
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    params = 'preset = "x"\nartifacts_dir = "."\nprogress = True'
+    report = "from unclip_lite.course import report\nreport(artifacts_dir, '01_ok', 'answer 42')"
+    _nb(nbs / "01_ok.ipynb", params, report)
+    _nb(nbs / "02_bad.ipynb", params, "x = 1", "raise ValueError('the judge is blind')")
+    _nb(nbs / "03_never.ipynb", params, "pass")
+    (nbs / "notes.ipynb").write_text("{}")  # not NN_*: ignored
+    assert [p.name for p in discover(nbs)] == ["01_ok.ipynb", "02_bad.ipynb", "03_never.ipynb"]
+    out = io.StringIO()
+    results = run_course(nbs, tmp_path / "executed", tmp_path / "artifacts", preset="smoke", stream=out)
+    assert [r.status for r in results] == ["passed", "failed", "not run"]
+    assert results[0].key_metric == "answer 42"
+    text = out.getvalue()
+    assert "raise ValueError('the judge is blind')" in text and "ValueError: the judge is blind" in text
+    assert "01_ok" in text and "answer 42" in text
+    assert text.rstrip().splitlines()[-1] == "1 passed, 1 failed, 1 skipped"
+    assert (tmp_path / "executed" / "01_ok.ipynb").exists()
+    executed = json.loads((tmp_path / "executed" / "01_ok.ipynb").read_text())
+    injected = "".join(executed["cells"][1]["source"])  # papermill's injected parameters cell
+    assert '"smoke"' in injected and str(tmp_path / "artifacts") in injected
+
+
+def test_cli_help_and_unknown_command():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ok = subprocess.run([sys.executable, "-m", "unclip_lite", "course", "--help"], capture_output=True, text=True, env=env)
+    assert ok.returncode == 0 and "--preset" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "unclip_lite", "dance"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown command" in bad.stderr
+
+
+@pytest.mark.slow
+def test_the_course_runs_every_notebook_at_course_defaults():
+    """The real thing: every notebook, course preset, shared artifacts in build/artifacts."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-m", "unclip_lite", "course", "--preset", "course",
+                           "--artifacts", str(ROOT / "build" / "artifacts"), "--out", str(ROOT / "build" / "executed"),
+                           "--notebooks", str(ROOT / "notebooks")],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
+    print(proc.stdout[-5000:], proc.stderr[-3000:])
+    n = len(discover(ROOT / "notebooks"))
+    assert proc.returncode == 0
+    assert proc.stdout.rstrip().splitlines()[-1] == f"{n} passed, 0 failed"

@@ -1,0 +1,115 @@
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from unclip_lite.config import WorldConfig
+from unclip_lite.data import CaptionFolder, DataError, rendered, to_tensor, to_uint8
+from unclip_lite.shapes import ShapesWorld
+
+EXAMPLE = ROOT / "data" / "example"
+
+
+def _folder(tmp_path, lines, fmt="jsonl", n_images=3):
+    for i in range(n_images):
+        Image.fromarray(ShapesWorld("val")[i].image).save(tmp_path / f"im{i}.png")
+    if fmt == "jsonl":
+        (tmp_path / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    else:
+        (tmp_path / "captions.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_example_folder_has_shapesworld_interface():
+    ds = CaptionFolder(EXAMPLE)
+    assert len(ds) == 24 and ds.skipped == []
+    s = ds[0]
+    assert s.image.shape == (64, 64, 3) and s.image.dtype == np.uint8
+    assert s.caption and s.attributes["objects"]
+    # the stored images are the ShapesWorld scenes, losslessly
+    assert s.image.tobytes() == ShapesWorld("val")[0].image.tobytes()
+
+
+def test_example_folder_is_small_and_regenerates_identically(tmp_path):
+    size = sum(p.stat().st_size for p in EXAMPLE.iterdir())
+    assert size < 1_000_000
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_example_data.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True)
+    for p in EXAMPLE.iterdir():
+        assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_csv_works(tmp_path):
+    ds = CaptionFolder(_folder(tmp_path, ["file,caption", "im0.png,a thing", "im1.png,\"another, thing\""], "csv"))
+    assert [ds[i].caption for i in range(len(ds))] == ["a thing", "another, thing"]
+
+
+def test_non_square_images_are_centre_cropped(tmp_path):
+    Image.new("RGB", (120, 80), (10, 20, 30)).save(tmp_path / "wide.jpg")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file": "wide.jpg", "caption": "x"}) + "\n")
+    assert CaptionFolder(tmp_path, image_size=32)[0].image.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("lines, fmt, message", [
+    (['{"file": "missing.png", "caption": "a"}'], "jsonl", r"captions.jsonl, line 1: image file .*missing.png does not exist"),
+    (['{"file": "im0.png", "caption": "a"}', '{"file": "im1.png", "caption": "  "}'], "jsonl", r"line 2: empty caption for 'im1.png'"),
+    (['{"file": "im0.png", "text": "a"}'], "jsonl", r"line 1: missing field\(s\) \['caption'\], unknown field\(s\) \['text'\]"),
+    (['{"file": "im0.png", "caption": "a"}', 'not json'], "jsonl", r"line 2: not valid JSON"),
+    (["file,text", "im0.png,a"], "csv", r"captions.csv, line 1: the header must be file,caption"),
+    (["file,caption", "im0.png,"], "csv", r"captions.csv, line 2: empty caption"),
+])
+def test_bad_entries_name_the_file_and_line(tmp_path, lines, fmt, message):
+    with pytest.raises(DataError, match=message):
+        CaptionFolder(_folder(tmp_path, lines, fmt))
+
+
+def test_corrupt_image_is_reported(tmp_path):
+    folder = _folder(tmp_path, ['{"file": "im0.png", "caption": "a"}', '{"file": "bad.png", "caption": "b"}'])
+    (folder / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(DataError, match=r"line 2: image file .*bad.png cannot be read as an image"):
+        CaptionFolder(folder)
+
+
+def test_skip_mode_skips_and_counts(tmp_path):
+    folder = _folder(tmp_path, [
+        '{"file": "im0.png", "caption": "good"}',
+        '{"file": "nope.png", "caption": "missing file"}',
+        '{"file": "im1.png", "caption": ""}',
+        '{"file": "bad.png", "caption": "corrupt"}',
+        'garbage',
+        '{"file": "im2.png", "caption": "also good"}',
+    ])
+    (folder / "bad.png").write_bytes(b"junk")
+    ds = CaptionFolder(folder, on_error="skip")
+    assert [ds[i].caption for i in range(len(ds))] == ["good", "also good"]
+    assert len(ds.skipped) == 4 and all("captions.jsonl, line" in s for s in ds.skipped)
+
+
+def test_missing_index_file_and_folder(tmp_path):
+    with pytest.raises(DataError, match="neither captions.jsonl nor captions.csv"):
+        CaptionFolder(tmp_path)
+    with pytest.raises(DataError, match="no such folder"):
+        CaptionFolder(tmp_path / "nothing")
+
+
+def test_rendered_cache_round_trips(tmp_path):
+    world = ShapesWorld("val", WorldConfig(n_val=20))
+    first = rendered(world, 12, cache_dir=tmp_path)
+    assert first["images"].shape == (12, 3, 64, 64)
+    cached = rendered(world, 12, cache_dir=tmp_path)
+    assert (cached["images"] == first["images"]).all() and cached["captions"] == first["captions"]
+    assert len(list(tmp_path.iterdir())) == 1
+    folder = rendered(CaptionFolder(EXAMPLE), 5, cache_dir=tmp_path)
+    assert folder["images"].shape == (5, 3, 64, 64)
+
+
+def test_tensor_conversions_round_trip():
+    img = np.stack([ShapesWorld("val")[i].image for i in range(3)])
+    x = to_tensor(img)
+    assert x.shape == (3, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
+    assert (to_uint8(x) == img).all()

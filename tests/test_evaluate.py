@@ -1,0 +1,89 @@
+import numpy as np
+import pytest
+import torch
+
+from unclip_lite import checkpoint as ckpt
+from unclip_lite.data import rendered
+from unclip_lite.evaluate import (HEADS, IGNORE, Judge, TrainedJudge, attribute_accuracy, degrade,
+                                  encode_labels, ensure_judge, frechet_distance, load_judge)
+from unclip_lite.shapes import ShapesWorld, parse_caption
+
+
+def test_frechet_distance_matches_closed_forms():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
+    shifted = a + np.array([2.0, 0, 0])
+    assert frechet_distance(a, shifted) == pytest.approx(4.0, rel=1e-6)
+    # N(0, I) vs N(0, 4I): (1 + 4 - 2*2) per dimension = 1
+    b = rng.normal(size=(4000, 3)) * 2
+    assert frechet_distance(rng.normal(size=(4000, 3)), b) == pytest.approx(3.0, rel=0.1)
+    with pytest.raises(ValueError, match="same D"):
+        frechet_distance(a, a[:, :2])
+
+
+def test_labels_from_scenes_and_from_parsed_captions():
+    world = ShapesWorld("val")
+    attrs = [world.attributes(i) for i in range(50)]
+    labels = encode_labels(attrs)
+    assert (labels["shape"] != IGNORE).all()
+    two = torch.tensor([a["count"] == 2 for a in attrs])
+    assert ((labels["shape2"] != IGNORE) == two).all()
+    parsed = encode_labels([parse_caption("big red circle")])
+    assert parsed["colour"].item() == HEADS["colour"].index("red")
+    assert parsed["background"].item() == IGNORE and torch.isnan(parsed["pos"]).all()
+
+
+def test_degradations_keep_range_and_shape():
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    y = degrade(x, blur=1.0, noise=0.1, down=True, generator=g)
+    assert y.shape == x.shape and y.min() >= -1 and y.max() <= 1 and not torch.equal(x, y)
+
+
+def test_judge_reads_any_resolution_and_uint8():
+    model = Judge(width=8, feature_dim=16).eval()
+    assert Judge.prepare(torch.zeros(2, 3, 64, 64, dtype=torch.uint8)).shape == (2, 3, 32, 32)
+    out = model(Judge.prepare(torch.rand(2, 3, 16, 16) * 2 - 1))
+    assert out["shape"].shape == (2, len(HEADS["shape"])) and out["features"].shape == (2, 16)
+
+
+def test_smoke_judge_trains_saves_and_reloads(tmp_path, smoke):
+    judge = ensure_judge(tmp_path, smoke, progress=False)
+    folder = tmp_path / "judge"
+    assert ckpt.stage_exists(folder) and not (folder / "train_state.safetensors").exists()
+    metrics = ckpt.read_json(folder / "metrics.json")
+    assert set(metrics["accuracy"]) == {"test", "heldout"}
+    assert set(metrics["accuracy"]["test"]) == {"clean", "blur", "noise", "16px", "all"}
+    assert metrics["train"]["samples_per_s"] > 0
+    data = rendered(ShapesWorld("val", smoke.world), 16)
+    acc = judge.attribute_accuracy(data["images"], data["attributes"])
+    assert set(acc) >= {"shape", "colour", "size", "background", "count", "joint"}
+    assert all(0 <= v <= 1 for v in acc.values())
+    # the reloaded judge gives the same answers
+    again = ensure_judge(tmp_path, smoke, progress=False)
+    assert torch.allclose(again.features(data["images"]), judge.features(data["images"]))
+    preds = judge.predict(data["images"][:3])
+    assert all(p["shape"] in HEADS["shape"] and p["count"] in (1, 2) for p in preds)
+    # a different config is refused, naming the field, and nothing is overwritten
+    smoke.judge.width = 12
+    with pytest.raises(ckpt.ConfigMismatchError, match="judge.width: 8 != 12"):
+        ensure_judge(tmp_path, smoke, progress=False)
+    assert load_judge(folder).model.trunk[0][0].out_channels == 8
+
+
+def test_attribute_accuracy_scores_only_named_attributes():
+    class Fixed(TrainedJudge):  # a judge that always says "large red circle, one object, black"
+        def _run(self, images, batch_size=256):
+            n = len(images)
+            out = {h: torch.zeros(n, len(v)) for h, v in HEADS.items()}
+            for h, v in (("shape", "circle"), ("colour", "red"), ("size", "large"), ("background", "black"), ("count", "1")):
+                out[h][:, HEADS[h].index(v)] = 1
+            return out
+    judge = Fixed(Judge(width=8, feature_dim=16))
+    images = torch.zeros(2, 3, 64, 64)
+    acc = attribute_accuracy(images, [parse_caption("big red circle"), parse_caption("small red square")], judge)
+    assert acc["colour"] == 1.0 and acc["shape"] == 0.5 and acc["size"] == 0.5 and acc["joint"] == 0.5
+    assert "background" not in acc
+    with pytest.raises(ValueError, match="2 images but 1"):
+        attribute_accuracy(images, [parse_caption("red")], judge)

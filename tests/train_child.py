@@ -1,0 +1,32 @@
+"""A training run for test_train.py's kill-and-resume test: python train_child.py RUN_DIR STEPS."""
+import json
+import sys
+import time
+
+import torch
+
+from unclip_lite.config import TrainConfig
+from unclip_lite.train import train
+
+run_dir, steps = sys.argv[1], int(sys.argv[2])
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+w_true = torch.linspace(-1, 1, 8)
+
+
+def get_batch(step):
+    g = torch.Generator().manual_seed(step)
+    x = torch.randn(16, 8, generator=g)
+    return {"x": x, "y": (x @ w_true)[:, None]}
+
+
+def loss_fn(m, b):
+    time.sleep(0.01)  # slow enough for the parent to kill it mid-run
+    return torch.nn.functional.mse_loss(m(b["x"]).float(), b["y"])
+
+
+cfg = TrainConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=5, checkpoint_every=5, log_every=5,
+                  precision="fp32")
+metrics = train(model, loss_fn, get_batch, cfg, run_dir=run_dir, progress=False)
+print(json.dumps({"resumed_from": metrics["resumed_from"], "final_loss": metrics["final_loss"],
+                  "history": metrics["loss_history"]}))

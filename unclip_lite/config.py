@@ -1,0 +1,170 @@
+"""Dataclass configs for every stage, named presets, and a JSON round-trip.
+
+Presets:
+- ``smoke``: the unit tests; every stage trains in seconds and means nothing.
+- ``course``: the notebook defaults; minutes on a 2-core CPU.
+- ``gpu``: one GPU; larger models, more data and steps.
+
+Every artifact stores the config it was made with (``config.json``), so a stage can be rebuilt
+from its folder alone and a mismatch is reported field by field (see ``checkpoint.py``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WorldConfig:
+    """ShapesWorld: the procedural data world (see shapes.py)."""
+
+    seed: int = 0  # world seed: the same (seed, split, index) always renders the same bytes
+    image_size: int = 64  # output resolution in pixels (square)
+    supersample: int = 4  # render at image_size * supersample, then box-downsample (antialiasing)
+    p_two_objects: float = 0.2  # probability that a scene holds a second object and a relation
+    p_background_in_caption: float = 0.7  # captions mention the background this often
+    p_position_in_caption: float = 0.1  # ...and a coarse position ("near the top") this often
+    held_out: tuple[str, ...] = ("green star", "purple circle", "orange triangle")  # compositions never in train
+    n_train: int = 100_000  # nominal split lengths (scenes are rendered on demand): train
+    n_val: int = 2_000  # validation: model selection and the notebooks' figures
+    n_test: int = 2_000  # test: the reported numbers
+    n_heldout: int = 1_000  # held-out compositions only
+
+
+@dataclass
+class TrainConfig:
+    """The shared training loop (train.py)."""
+
+    steps: int = 1000  # optimiser steps
+    batch_size: int = 64  # samples per step
+    lr: float = 1e-3  # peak learning rate (AdamW), after linear warmup
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
+    ema_decay: float = 0.999  # EMA of the weights; the EMA weights are what the artifact stores
+    ema_start: int = 0  # steps before the EMA starts tracking (it copies the weights until then)
+    precision: str = "auto"  # "auto" | "bf16" | "fp32" (see runtime.resolve_precision)
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | ...
+    checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at the end)
+    log_every: int = 10  # steps between loss-history entries
+    seed: int = 0  # seeds the model init and the per-step batch sampling
+
+
+@dataclass
+class JudgeConfig:
+    """The judge: a small CNN that reads every ShapesWorld attribute off an image (evaluate.py)."""
+
+    width: int = 32  # channels of the first stage; doubled at each downsampling
+    feature_dim: int = 256  # penultimate features (also used for the Fréchet distance)
+    n_train_images: int = 40_000  # rendered training scenes (cached as a tensor)
+    n_eval_images: int = 2_000  # test scenes for the reported accuracies
+    augment: bool = True  # train with blur, noise and low-res round trips so it reads generated images
+    train: TrainConfig = field(  # the training loop: about 2 minutes on 2 cores at the course preset
+        default_factory=lambda: TrainConfig(steps=1200, batch_size=64, lr=6e-4, warmup_steps=50,
+                                            weight_decay=1e-4, ema_decay=0.98, checkpoint_every=300)
+    )
+
+
+@dataclass
+class Preset:
+    """All stage configs of one named preset."""
+
+    name: str = "course"  # smoke | course | gpu
+    world: WorldConfig = field(default_factory=WorldConfig)  # the data world
+    judge: JudgeConfig = field(default_factory=JudgeConfig)  # the ruler
+
+
+def _smoke() -> Preset:
+    return Preset(
+        name="smoke",
+        world=WorldConfig(n_train=2_000, n_val=200, n_test=200, n_heldout=100),
+        judge=JudgeConfig(width=8, feature_dim=32, n_train_images=512, n_eval_images=128,
+                          train=TrainConfig(steps=20, batch_size=32, lr=2e-3, warmup_steps=2,
+                                            checkpoint_every=10, log_every=5)),
+    )
+
+
+def _gpu() -> Preset:
+    return Preset(
+        name="gpu",
+        world=WorldConfig(n_train=1_000_000, n_val=5_000, n_test=5_000, n_heldout=2_000),
+        judge=JudgeConfig(width=48, feature_dim=384, n_train_images=60_000, n_eval_images=5_000,
+                          train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup_steps=100,
+                                            weight_decay=1e-4, ema_decay=0.999,
+                                            checkpoint_every=1000)),
+    )
+
+
+PRESETS: dict[str, typing.Callable[[], Preset]] = {"smoke": _smoke, "course": Preset, "gpu": _gpu}
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of the named preset (`smoke`, `course` or `gpu`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON round trip
+
+
+def to_dict(cfg) -> dict:
+    """A dataclass config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _convert(tp, value, where: str):
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _convert(args[0], value, where)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config field {where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, where) for v in value)
+        return tuple(_convert(a, v, where) for a, v in zip(args, value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and not isinstance(value, tp):
+        raise ValueError(f"config field {where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict, where: str = ""):
+    """Rebuild a dataclass config from `to_dict` output; unknown or mistyped fields are errors."""
+    if not isinstance(data, dict):
+        raise ValueError(f"config {where or cls.__name__}: expected an object, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config {where or cls.__name__}: unknown field(s) {unknown}; "
+                         f"known fields are {sorted(names)}")
+    kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Field-by-field differences between two config dicts, as 'path: a != b' lines."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        path = f"{prefix}.{key}" if prefix else key
+        va, vb = a.get(key, "<missing>"), b.get(key, "<missing>")
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff(va, vb, path)
+        elif va != vb:
+            out.append(f"{path}: {va!r} != {vb!r}")
+    return out

@@ -1,0 +1,129 @@
+"""The course runner: executes ``notebooks/NN_*.ipynb`` in order with papermill.
+
+    python -m unclip_lite course [--preset course] [--artifacts build/artifacts] [--only 01 02]
+
+Every notebook gets the same parameters (``preset``, ``artifacts_dir``, ``progress=False``) and
+writes its executed copy to ``build/executed/``. Notebooks share results only through the
+artifacts folder. The runner stops at the first failure and shows the failing cell, prints a
+table (time, status, key metric), and ends with the line ``N passed, N failed``.
+
+A notebook reports its key metric with `report(...)` in its last cell.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import write_json
+
+SUMMARY_DIR = "course"
+
+
+def report(artifacts_dir: str | Path, notebook: str, key_metric: str, **metrics) -> dict:
+    """Record a notebook's key metric (a short human-readable string) for the course table."""
+    data = {"notebook": notebook, "key_metric": key_metric, **metrics}
+    write_json(Path(artifacts_dir) / SUMMARY_DIR / f"{notebook}.json", data)
+    return data
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    status: str  # "passed" | "failed" | "not run"
+    seconds: float = 0.0
+    key_metric: str = ""
+    error: str = ""
+
+
+def discover(notebooks_dir: str | Path, only: list[str] | None = None) -> list[Path]:
+    """The course notebooks NN_*.ipynb in reading order; `only` keeps those whose name starts
+    with one of the given prefixes (e.g. ["01", "03"])."""
+    paths = sorted(Path(notebooks_dir).glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        paths = [p for p in paths if any(p.stem.startswith(o) for o in only)]
+    return paths
+
+
+def _failing_cell(exc, output: Path) -> str:
+    """A readable description of the cell that failed, from papermill's error and the output."""
+    lines = [f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', exc)}"]
+    try:
+        nb = json.loads(output.read_text())
+        code_cells = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        failed = next((c for c in code_cells
+                       if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None)
+        if failed is not None:
+            src = "".join(failed["source"])
+            lines.insert(0, "failing cell:\n    " + src.replace("\n", "\n    "))
+    except (OSError, ValueError, KeyError):
+        pass
+    return "\n".join(lines)
+
+
+def run_course(notebooks_dir: str | Path = "notebooks", out_dir: str | Path = "build/executed",
+               artifacts_dir: str | Path = "build/artifacts", preset: str = "course",
+               only: list[str] | None = None, stream=sys.stdout) -> list[NotebookResult]:
+    """Run the notebooks in order; stop at the first failure. Returns one result per notebook."""
+    import papermill as pm
+
+    notebooks = discover(notebooks_dir, only)
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks matching NN_*.ipynb in {notebooks_dir}")
+    out_dir, artifacts_dir = Path(out_dir).resolve(), Path(artifacts_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: list[NotebookResult] = []
+    failed = False
+    for nb in notebooks:
+        if failed:
+            results.append(NotebookResult(nb.stem, "not run"))
+            continue
+        summary = artifacts_dir / SUMMARY_DIR / f"{nb.stem}.json"
+        summary.unlink(missing_ok=True)
+        output = out_dir / nb.name
+        print(f"[course] running {nb.name} (preset={preset})", file=stream, flush=True)
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(str(nb), str(output), kernel_name="python3", progress_bar=False,
+                                cwd=str(nb.parent.resolve()),
+                                parameters={"preset": preset, "artifacts_dir": str(artifacts_dir),
+                                            "progress": False})
+            key = json.loads(summary.read_text())["key_metric"] if summary.exists() else "(none reported)"
+            results.append(NotebookResult(nb.stem, "passed", time.perf_counter() - t0, key))
+        except Exception as exc:  # papermill's PapermillExecutionError, or a kernel that died
+            failed = True
+            results.append(NotebookResult(nb.stem, "failed", time.perf_counter() - t0,
+                                          error=_failing_cell(exc, output)))
+            print(f"[course] {nb.name} FAILED\n{results[-1].error}", file=stream, flush=True)
+        print(f"[course] {nb.name}: {results[-1].status} in {results[-1].seconds:.0f}s", file=stream, flush=True)
+    print_table(results, stream)
+    return results
+
+
+def print_table(results: list[NotebookResult], stream=sys.stdout) -> None:
+    width = max(len(r.name) for r in results)
+    print(f"\n{'notebook':<{width}}  {'time':>7}  {'status':<7}  key metric", file=stream)
+    print("-" * (width + 40), file=stream)
+    for r in results:
+        t = f"{r.seconds:6.0f}s" if r.status != "not run" else "      -"
+        print(f"{r.name:<{width}}  {t}  {r.status:<7}  {r.key_metric}", file=stream)
+    passed = sum(r.status == "passed" for r in results)
+    failed = sum(r.status == "failed" for r in results)
+    skipped = sum(r.status == "not run" for r in results)
+    tail = f", {skipped} skipped" if skipped else ""
+    print(f"\n{passed} passed, {failed} failed{tail}", file=stream, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m unclip_lite course", description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="course", help="smoke | course | gpu (default: course)")
+    parser.add_argument("--notebooks", default="notebooks", help="folder of NN_*.ipynb")
+    parser.add_argument("--out", default="build/executed", help="where executed notebooks go")
+    parser.add_argument("--artifacts", default="build/artifacts", help="the shared artifacts folder")
+    parser.add_argument("--only", nargs="*", help="run only notebooks whose names start with these")
+    args = parser.parse_args(argv)
+    results = run_course(args.notebooks, args.out, args.artifacts, args.preset, args.only)
+    return 0 if all(r.status == "passed" for r in results) else 1

@@ -1,0 +1,196 @@
+"""Datasets: ShapesWorld splits, a folder of your own images + captions, and tensor caches.
+
+Both kinds of dataset index like a sequence and return `shapes.Sample(image, caption,
+attributes)`: a uint8 (H, W, 3) image, a caption string, and an attribute dict (empty for your own
+images unless ``captions.jsonl`` provides one).
+
+Your own data: a folder with images and ``captions.jsonl``::
+
+    {"file": "cat.png", "caption": "a cat on a sofa"}
+    {"file": "dog.jpg", "caption": "a dog", "attributes": {"animal": "dog"}}
+
+or ``captions.csv`` with the header ``file,caption``. Bad entries raise `DataError` naming the
+file and line; with ``on_error="skip"`` they are skipped and listed in ``dataset.skipped``.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from . import checkpoint as ckpt
+from .shapes import WORLD_VERSION, Sample, ShapesWorld
+
+REQUIRED_COLUMNS = ("file", "caption")
+OPTIONAL_COLUMNS = ("attributes",)
+
+
+class DataError(ValueError):
+    """A dataset entry is unusable; the message names the file and line."""
+
+
+def load_image(path: Path, image_size: int) -> np.ndarray:
+    """Open an image, centre-crop it square and resize to image_size: uint8 (H, W, 3)."""
+    with Image.open(path) as im:
+        im.load()
+        im = im.convert("RGB")
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    im = im.crop((left, top, left + side, top + side))
+    if side != image_size:
+        im = im.resize((image_size, image_size), Image.BICUBIC, reducing_gap=2.0)
+    return np.asarray(im, dtype=np.uint8)
+
+
+class CaptionFolder:
+    """A folder of images plus ``captions.jsonl`` or ``captions.csv``, with ShapesWorld's interface.
+
+    Every entry is checked when the dataset is built (the file exists, decodes as an image, the
+    caption is non-empty), so errors surface at once rather than mid-training.
+    """
+
+    def __init__(self, root: str | Path, image_size: int = 64, on_error: str = "raise"):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.root = Path(root)
+        self.image_size = image_size
+        self.on_error = on_error
+        self.skipped: list[str] = []
+        if not self.root.is_dir():
+            raise DataError(f"{self.root}: no such folder")
+        jsonl, csv_path = self.root / "captions.jsonl", self.root / "captions.csv"
+        if jsonl.exists():
+            self.index_file = jsonl
+            rows = self._read_jsonl(jsonl)
+        elif csv_path.exists():
+            self.index_file = csv_path
+            rows = self._read_csv(csv_path)
+        else:
+            raise DataError(f"{self.root}: found neither captions.jsonl nor captions.csv")
+        self.entries: list[tuple[Path, str, dict]] = []
+        for line_no, row in rows:
+            entry = self._check(line_no, row)
+            if entry is not None:
+                self.entries.append(entry)
+        if not self.entries:
+            raise DataError(f"{self.index_file}: no usable entries ({len(self.skipped)} skipped)")
+
+    # -- parsing ------------------------------------------------------------------------------
+    def _fail(self, line_no: int, message: str) -> None:
+        text = f"{self.index_file}, line {line_no}: {message}"
+        if self.on_error == "raise":
+            raise DataError(text)
+        self.skipped.append(text)
+
+    def _read_jsonl(self, path: Path):
+        rows = []
+        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                self._fail(line_no, f"not valid JSON ({e.msg})")
+                continue
+            if not isinstance(row, dict):
+                self._fail(line_no, f"expected a JSON object with fields {REQUIRED_COLUMNS}, got {row!r}")
+                continue
+            rows.append((line_no, row))
+        return rows
+
+    def _read_csv(self, path: Path):
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            missing = [c for c in REQUIRED_COLUMNS if c not in header]
+            unknown = [c for c in header if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+            if missing or unknown:
+                raise DataError(f"{path}, line 1: the header must be {','.join(REQUIRED_COLUMNS)}; "
+                                f"missing column(s) {missing}, unknown column(s) {unknown}")
+            return [(line_no, row) for line_no, row in enumerate(reader, start=2)]
+
+    def _check(self, line_no: int, row: dict):
+        missing = [c for c in REQUIRED_COLUMNS if c not in row]
+        unknown = [c for c in row if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
+        if missing or unknown:
+            return self._fail(line_no, f"missing field(s) {missing}, unknown field(s) {unknown}; "
+                                       f"each entry needs {REQUIRED_COLUMNS}")
+        caption = row["caption"]
+        if not isinstance(caption, str) or not caption.strip():
+            return self._fail(line_no, f"empty caption for {row['file']!r}")
+        path = self.root / str(row["file"])
+        if not path.is_file():
+            return self._fail(line_no, f"image file {path} does not exist")
+        try:
+            load_image(path, self.image_size)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            return self._fail(line_no, f"image file {path} cannot be read as an image ({e})")
+        attributes = row.get("attributes") or {}
+        if isinstance(attributes, str):
+            attributes = json.loads(attributes) if attributes.strip() else {}
+        return path, caption.strip(), attributes
+
+    # -- sequence interface -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Sample:
+        path, caption, attributes = self.entries[index]
+        return Sample(load_image(path, self.image_size), caption, attributes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensors and caches
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1], the diffusion models' convention."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """float (N, 3, H, W) in [-1, 1] -> uint8 (N, H, W, 3)."""
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def dataset_key(dataset, n: int) -> str:
+    """A short hash identifying (dataset, n) for cache file names."""
+    if isinstance(dataset, ShapesWorld):
+        from .config import to_dict
+        ident = json.dumps({"world": to_dict(dataset.cfg), "version": WORLD_VERSION, "split": dataset.split,
+                            "n": n}, sort_keys=True)
+    else:
+        ident = json.dumps({"root": str(Path(dataset.root).resolve()), "n": n,
+                            "entries": [str(e[0]) for e in dataset.entries[:n]]})
+    return hashlib.sha1(ident.encode()).hexdigest()[:12]
+
+
+def rendered(dataset, n: int | None = None, cache_dir: str | Path | None = None) -> dict:
+    """The first n samples as {"images": uint8 (N, 3, H, W) tensor, "captions", "attributes"}.
+
+    With `cache_dir` the result is stored (safetensors + JSON) and reused by later calls.
+    """
+    n = len(dataset) if n is None else min(n, len(dataset))
+    cache = None
+    if cache_dir is not None:
+        name = f"{getattr(dataset, 'split', 'folder')}-{dataset_key(dataset, n)}"
+        cache = Path(cache_dir) / name
+        if (cache / "images.safetensors").exists() and (cache / "samples.json").exists():
+            images = ckpt.load_tensors(cache / "images.safetensors")["images"]
+            meta = ckpt.read_json(cache / "samples.json")
+            return {"images": images, "captions": meta["captions"], "attributes": meta["attributes"]}
+    samples = [dataset[i] for i in range(n)]
+    images = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).contiguous()
+    out = {"images": images, "captions": [s.caption for s in samples],
+           "attributes": [s.attributes for s in samples]}
+    if cache is not None:
+        ckpt.save_tensors(cache / "images.safetensors", {"images": images})
+        ckpt.write_json(cache / "samples.json", {"captions": out["captions"], "attributes": out["attributes"]})
+    return out

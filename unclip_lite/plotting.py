@@ -1,0 +1,64 @@
+"""Figures for the notebooks: image grids, sample tables and curves (matplotlib)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _as_uint8(images) -> np.ndarray:
+    """(N, 3, H, W) uint8/float[-1,1] tensors or (N, H, W, 3) uint8 arrays -> (N, H, W, 3) uint8."""
+    if isinstance(images, torch.Tensor):
+        x = images.detach().cpu()
+        if x.dtype != torch.uint8:
+            x = x.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).numpy()
+    x = np.asarray(images)
+    return x if x.shape[-1] == 3 else x.transpose(0, 2, 3, 1)
+
+
+def image_grid(images, titles: list[str] | None = None, ncols: int = 8, scale: float = 1.6,
+               title: str | None = None, fontsize: int = 7):
+    """Show images in a grid with optional per-image titles; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    imgs = _as_uint8(images)
+    n = len(imgs)
+    ncols = min(ncols, n)
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * (1.25 if titles else 1)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, ax in enumerate(axes.flat[:n]):
+        ax.imshow(imgs[i], interpolation="nearest")
+        if titles:
+            ax.set_title(titles[i], fontsize=fontsize, wrap=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def loss_curve(history: list[list[float]], title: str = "training loss", ax=None):
+    """Plot [[step, loss], ...] on a log scale."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
+    steps, losses = zip(*history)
+    ax.plot(steps, losses)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    return ax
+
+
+def accuracy_table(report: dict[str, dict[str, float]], digits: int = 3) -> str:
+    """A plain-text table of {row: {column: value}} (e.g. degradation -> attribute -> accuracy)."""
+    cols = list(next(iter(report.values())))
+    w = max(len(r) for r in report) + 2
+    lines = [" " * w + "".join(f"{c:>11}" for c in cols)]
+    for row, vals in report.items():
+        lines.append(f"{row:<{w}}" + "".join(f"{vals.get(c, float('nan')):>11.{digits}f}" for c in cols))
+    return "\n".join(lines)

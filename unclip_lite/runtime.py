@@ -1,0 +1,70 @@
+"""Device, precision and seeding: chosen here and nowhere else.
+
+`auto` means CUDA when present, else the CPU; bf16 autocast wherever the hardware runs bf16
+matrix work natively (CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX). On this course's
+reference CPU (AVX512-BF16) bf16 matmuls and convolutions run 2.2-2.6x faster than fp32
+(`benchmarks/bench_precision.py`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`auto` -> CUDA if available, else CPU. Anything else is passed to torch.device."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str = "auto", device: str | torch.device = "auto") -> str:
+    """Return "bf16" or "fp32". `auto` picks bf16 where the hardware runs it natively.
+
+    The environment variable UNCLIP_PRECISION overrides `auto` (useful for measurements).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        precision = os.environ.get("UNCLIP_PRECISION", "auto")
+    if precision != "auto":
+        return precision
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def autocast(device: str | torch.device, precision: str):
+    """The autocast context for a resolved (device, precision) pair; a no-op for fp32."""
+    dev = resolve_device(device)
+    if resolve_precision(precision, dev) == "bf16":
+        return torch.autocast(device_type=dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

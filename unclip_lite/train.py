@@ -1,0 +1,218 @@
+"""One training loop for every stage.
+
+AdamW with linear warmup and cosine decay, an EMA of the weights, global gradient clipping,
+bf16 autocast where the hardware runs it natively, a `tqdm.auto` progress bar, periodic
+resumable checkpoints, and samples/s in the returned metrics.
+
+A stage supplies three things:
+- ``model``: an ``nn.Module``;
+- ``loss_fn(model, batch) -> loss`` or ``(loss, {name: float})``;
+- ``get_batch(step) -> batch``: a pure function of the step, so a resumed run sees exactly the
+  batches the interrupted one would have seen.
+
+A non-finite loss stops training with `NonFiniteLossError`; the last checkpoint on disk is the
+last good one and is left untouched.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import config as config_lib
+from .config import TrainConfig
+from .runtime import autocast, resolve_device, resolve_precision
+
+STATE_FILE = "train_state.safetensors"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss (or gradient norm) became NaN or inf."""
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor inside a (nested) batch to `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+class EMA:
+    """Exponential moving average of a model's parameters and buffers (kept in float32)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, decay: float | None = None) -> None:
+        d = self.decay if decay is None else decay
+        for k, v in model.state_dict().items():
+            s = self.shadow[k]
+            if v.dtype.is_floating_point:
+                s.lerp_(v.detach().float(), 1 - d)
+            else:
+                s.copy_(v)
+
+    def state_dict(self, like: nn.Module) -> dict[str, torch.Tensor]:
+        """The EMA weights in the dtypes of `like`'s state dict."""
+        ref = like.state_dict()
+        return {k: v.to(ref[k].dtype) for k, v in self.shadow.items()}
+
+
+def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], cfg: TrainConfig,
+          run_dir: str | Path | None = None, progress: bool = True, desc: str = "train") -> dict:
+    """Train `model` in place; on return it holds the EMA weights. Returns the metrics dict.
+
+    With `run_dir`, a resumable checkpoint is written there every `cfg.checkpoint_every` steps
+    and an interrupted run continues from it; the checkpoint is removed once training ends.
+    """
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    model.to(device)
+    decay_params = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    other_params = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay_params, "weight_decay": cfg.weight_decay},
+                             {"params": other_params, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    ema = EMA(model, cfg.ema_decay)
+    history: list[list[float]] = []
+    start, resumed_from = 0, None
+    state_path = Path(run_dir) / STATE_FILE if run_dir is not None else None
+    cfg_dict = config_lib.to_dict(cfg)
+
+    if state_path is not None and state_path.exists():
+        state = ckpt.load_state(state_path)
+        differences = [d for d in config_lib.diff(state["train_config"], cfg_dict) if not d.startswith("steps:")]
+        if differences:
+            raise ckpt.ConfigMismatchError(state_path.parent, differences)
+        model.load_state_dict(state["model"])
+        ema.shadow = {k: v.float() for k, v in state["ema"].items()}
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = resumed_from = int(state["step"])
+        history = [list(h) for h in state["history"]]
+
+    def save_checkpoint(step: int) -> None:
+        if state_path is None:
+            return
+        ckpt.save_state(state_path, {
+            "step": step, "model": model.state_dict(), "ema": ema.shadow,
+            "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
+            "history": history, "train_config": cfg_dict,
+        })
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, leave=False)
+    t0, samples, loss_sum, loss_n, last_logs = time.perf_counter(), 0, 0.0, 0, {}
+    for step in range(start, cfg.steps):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        batch = to_device(get_batch(step), device)
+        with autocast(device, precision):
+            out = loss_fn(model, batch)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            bar.close()
+            kept = f"the last good checkpoint is kept at {state_path}" if state_path and state_path.exists() \
+                else "no checkpoint had been written yet"
+            raise NonFiniteLossError(f"{desc}: the loss became {loss_value} at step {step}; training "
+                                     f"stopped and {kept}. Lower the learning rate or check the data.")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            gnorm = float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            if not math.isfinite(gnorm):
+                bar.close()
+                raise NonFiniteLossError(f"{desc}: the gradient norm became {gnorm} at step {step}; "
+                                         f"training stopped (last good checkpoint kept at {state_path}).")
+        opt.step()
+        ema.update(model, 0.0 if step < cfg.ema_start else None)
+        samples += _batch_size(batch)
+        loss_sum, loss_n, last_logs = loss_sum + loss_value, loss_n + 1, logs
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            history.append([step + 1, loss_sum / loss_n])
+            bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
+            loss_sum, loss_n = 0.0, 0
+        bar.update(1)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(step + 1)
+    bar.close()
+    wall = time.perf_counter() - t0
+    model.load_state_dict(ema.state_dict(model))
+    recalibrate_batchnorm(model, loss_fn, get_batch, range(cfg.steps, cfg.steps + BN_RECALIBRATION_BATCHES),
+                          device, precision)
+    model.eval()
+    if state_path is not None and state_path.exists():
+        state_path.unlink()
+    return {
+        "steps": cfg.steps,
+        "resumed_from": resumed_from,
+        "final_loss": history[-1][1] if history else None,
+        "loss_history": history,
+        "last_logs": {k: float(v) for k, v in last_logs.items()},
+        "wall_s": round(wall, 2),
+        "samples_per_s": round(samples / wall, 1) if wall > 0 else None,
+        "precision": precision,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+BN_RECALIBRATION_BATCHES = 16
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loss_fn: Callable, get_batch: Callable, steps, device, precision) -> None:
+    """Re-estimate BatchNorm statistics for the current (EMA) weights.
+
+    The EMA averages running statistics that belong to earlier weights; for a network still
+    moving fast this mismatch is severe (measured on the judge: 17% shape accuracy with averaged
+    statistics, against 53% for the raw weights). As in SWA, a few forward passes in train mode
+    with a cumulative average fix it. Models without BatchNorm are left alone.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average
+    model.train()
+    for step in steps:
+        with autocast(device, precision):
+            loss_fn(model, to_device(get_batch(step), device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0])
+    return 1
+
