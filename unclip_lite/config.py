@@ -60,13 +60,13 @@ class TrainConfig:
 class JudgeConfig:
     """The judge: a small CNN that reads every ShapesWorld attribute off an image (evaluate.py)."""
 
-    width: int = 32  # channels of the first stage; doubled at each downsampling
+    width: int = 24  # channels of the first stage; doubled at each downsampling
     feature_dim: int = 256  # penultimate features (also used for the Fréchet distance)
     n_train_images: int = 40_000  # rendered training scenes (cached as a tensor)
     n_eval_images: int = 2_000  # test scenes for the reported accuracies
     augment: bool = True  # train with blur, noise and low-res round trips so it reads generated images
     train: TrainConfig = field(  # the training loop: about 2 minutes on 2 cores at the course preset
-        default_factory=lambda: TrainConfig(steps=1200, batch_size=64, lr=6e-4, warmup_steps=50,
+        default_factory=lambda: TrainConfig(steps=1600, batch_size=64, lr=1e-3, warmup_steps=50,
                                             weight_decay=1e-4, ema_decay=0.98, checkpoint_every=300)
     )
 

@@ -30,7 +30,6 @@ HEADS = {
     "shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "background": BACKGROUNDS,
     "count": ("1", "2"), "shape2": SHAPES, "colour2": tuple(COLOURS), "size2": tuple(SIZES),
 }
-SECOND_OBJECT_HEADS = ("shape2", "colour2", "size2")
 PRIMARY_HEADS = ("shape", "colour", "size", "background", "count")  # the judge's accuracy target
 IGNORE = -100
 
@@ -160,9 +159,7 @@ class Judge(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.embed(x)
-        # The second-object heads read detached features: trained jointly, their gradients (from the
-        # few two-object scenes in a batch) cost the primary heads 6-10 points of shape accuracy.
-        out = {h: head(f.detach() if h in SECOND_OBJECT_HEADS else f) for h, head in self.heads.items()}
+        out = {h: head(f) for h, head in self.heads.items()}
         out["pos"] = self.pos(f)
         out["features"] = f
         return out
@@ -287,12 +284,15 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
 
 
 def _judge_batches(data: dict, cfg: JudgeConfig):
-    images, labels = data["images"], encode_labels(data["attributes"])
+    # downsample once to the judge's resolution (uint8 keeps the cache small), not every step
+    images = torch.cat([Judge.prepare(data["images"][i:i + 4096]).add(1).mul(127.5).round().to(torch.uint8)
+                        for i in range(0, len(data["images"]), 4096)])
+    labels = encode_labels(data["attributes"])
 
     def get_batch(step: int) -> dict:
         g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
         idx = torch.randint(len(images), (cfg.train.batch_size,), generator=g)
-        x = Judge.prepare(images[idx])
+        x = images[idx].float().div(127.5).sub(1)  # (B, 3, 32, 32)
         if cfg.augment:  # 3/4 of the batch clean; 1/8 blurred + noisy; 1/8 16px round trip + noise
             h, q = 3 * len(idx) // 4, len(idx) // 8
             sig = float(torch.rand((), generator=g)) * 0.8
@@ -303,10 +303,11 @@ def _judge_batches(data: dict, cfg: JudgeConfig):
     return get_batch
 
 
-def judge_world(world: WorldConfig) -> WorldConfig:
-    """The world the judge trains on: the same scenes with nothing held out. A ruler must read
-    the held-out compositions too; it is the generative stages that never see them."""
-    return dataclasses.replace(world, held_out=())
+def judge_world(world: WorldConfig, p_two_objects: float = 0.5) -> WorldConfig:
+    """The world the judge trains on: the same scenes with nothing held out (a ruler must read
+    the held-out compositions too; it is the generative stages that never see them), and more
+    two-object scenes, where telling the left (upper) object from the other is the hard part."""
+    return dataclasses.replace(world, held_out=(), p_two_objects=max(world.p_two_objects, p_two_objects))
 
 
 def evaluate_judge(judge: TrainedJudge, world: WorldConfig, n: int, cache_dir: Path | None = None) -> dict:
