@@ -42,7 +42,7 @@ def bench() -> dict:
     model = Judge()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     batch = {"x": torch.rand(64, 3, 32, 32) * 2 - 1, **{h: torch.randint(len(v), (64,)) for h, v in HEADS.items()},
-             "pos": torch.rand(64, 2), "rot": torch.rand(64, 2)}
+             "pos": torch.rand(64, 2)}
 
     def step(name):
         with autocast("cpu", name):

@@ -36,7 +36,8 @@ def test_runner_stops_at_first_failure_and_prints_the_table(tmp_path):
     text = out.getvalue()
     assert "raise ValueError('the judge is blind')" in text and "ValueError: the judge is blind" in text
     assert "01_ok" in text and "answer 42" in text
-    assert text.rstrip().splitlines()[-1] == "1 passed, 1 failed, 1 skipped"
+    assert text.rstrip().splitlines()[-1] == "1 passed, 1 failed"
+    assert "03_never" in text and "not run" in text
     assert (tmp_path / "executed" / "01_ok.ipynb").exists()
     executed = json.loads((tmp_path / "executed" / "01_ok.ipynb").read_text())
     injected = "".join(executed["cells"][1]["source"])  # papermill's injected parameters cell

@@ -65,11 +65,31 @@ def test_smoke_judge_trains_saves_and_reloads(tmp_path, smoke):
     assert torch.allclose(again.features(data["images"]), judge.features(data["images"]))
     preds = judge.predict(data["images"][:3])
     assert all(p["shape"] in HEADS["shape"] and p["count"] in (1, 2) for p in preds)
-    # a different config is refused, naming the field, and nothing is overwritten
+    # a different config: strict loading names the field; ensure_judge moves the old judge aside
     smoke.judge.width = 12
-    with pytest.raises(ckpt.ConfigMismatchError, match="judge.width: 8 != 12"):
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"judge.width: 8 != 12"):
+        load_judge(folder, smoke)
+    new = ensure_judge(tmp_path, smoke, progress=False)
+    assert new.model.trunk[0][0].out_channels == 12
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith("judge.stale-")]
+    assert len(stale) == 1 and load_judge(stale[0]).model.trunk[0][0].out_channels == 8
+
+
+def test_retrain_discards_an_interrupted_runs_checkpoint(tmp_path, smoke):
+    folder = tmp_path / "judge"
+    folder.mkdir()
+    ckpt.save_state(folder / "train_state.safetensors", {"step": 3, "config": {"other": 1}})
+    with pytest.raises(ckpt.ConfigMismatchError, match="delete"):
         ensure_judge(tmp_path, smoke, progress=False)
-    assert load_judge(folder).model.trunk[0][0].out_channels == 8
+    ensure_judge(tmp_path, smoke, retrain=True, progress=False)
+    assert ckpt.stage_exists(folder) and not (folder / "train_state.safetensors").exists()
+
+
+def test_judge_accepts_stacked_shapesworld_images():
+    imgs = np.stack([ShapesWorld("val")[i].image for i in range(2)])
+    assert Judge.prepare(imgs).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="uint8"):
+        Judge.prepare(imgs.astype(np.float32))
 
 
 def test_attribute_accuracy_scores_only_named_attributes():

@@ -86,10 +86,21 @@ def test_held_out_compositions_never_appear_in_train():
     held = ShapesWorld("heldout", cfg)
     for i in range(300):
         a = held.attributes(i)
-        assert any(matches(o, a["background"], c) for o in a["objects"] for c in comps)
+        assert any(matches(a["objects"][a["held_out_object"]], a["background"], c) for c in comps)
     # val shares train's distribution (no held-out compositions either)
     assert not any(matches(o, a["background"], c) for i in range(500)
                    for a in [ShapesWorld("val", cfg).attributes(i)] for o in a["objects"] for c in comps)
+
+
+def test_held_out_compositions_may_name_a_background():
+    cfg = WorldConfig(held_out=("green star striped", "red circle on dots"))
+    comps = [parse_composition(t) for t in cfg.held_out]
+    assert comps[1] == {"colour": "red", "shape": "circle", "background": "dotted"}
+    for i in range(300):
+        a = ShapesWorld("heldout", cfg).attributes(i)
+        assert any(matches(a["objects"][a["held_out_object"]], a["background"], c) for c in comps)
+        t = ShapesWorld("train", cfg).attributes(i)
+        assert not any(matches(o, t["background"], c) for o in t["objects"] for c in comps)
 
 
 def test_bad_configuration_is_reported_clearly():

@@ -13,7 +13,7 @@ from conftest import ROOT
 from unclip_lite import checkpoint as ckpt
 from unclip_lite.config import TrainConfig
 from unclip_lite.runtime import resolve_precision, seed_everything
-from unclip_lite.train import STATE_FILE, NonFiniteLossError, lr_at, train
+from unclip_lite.train import STATE_FILE, NonFiniteLossError, clear_state, lr_at, train
 
 CHILD = ROOT / "tests" / "train_child.py"
 
@@ -86,21 +86,25 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
         return loss
     bad_loss.tick = tick
     cfg = TrainConfig(steps=50, checkpoint_every=5, log_every=5, precision="fp32")
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 12.*last good checkpoint is kept"):
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 12.*last good checkpoint is kept at .*"
+                                                 r"train_state.safetensors"):
         train(model, bad_loss, get_batch, cfg, run_dir=tmp_path, progress=False)
     state = ckpt.load_state(tmp_path / STATE_FILE)
     assert state["step"] == 10
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_resume_refuses_a_different_config(tmp_path):
+def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path):
     model, loss_fn, get_batch = _toy()
-    cfg = TrainConfig(steps=20, checkpoint_every=5, log_every=5, precision="fp32")
-    ckpt.save_state(tmp_path / STATE_FILE, {"step": 5, "model": model.state_dict(), "ema": model.state_dict(),
-                                             "optimizer": {}, "rng": torch.get_rng_state(), "history": [],
-                                             "train_config": {**json.loads(json.dumps(cfg.__dict__)), "lr": 9.0}})
-    with pytest.raises(ckpt.ConfigMismatchError, match="lr"):
-        train(model, loss_fn, get_batch, cfg, run_dir=tmp_path, progress=False)
+    cfg = TrainConfig(steps=10, checkpoint_every=5, log_every=5, precision="fp32")
+    train(model, loss_fn, get_batch, cfg, run_dir=tmp_path, progress=False, run_config={"width": 4})
+    model, *_ = _toy()
+    with pytest.raises(ckpt.ConfigMismatchError, match=r"train_state.safetensors was made with a different config "
+                                                       r"\(stored != expected\):\n  run.width: 4 != 8\n.*delete"):
+        train(model, loss_fn, get_batch, cfg, run_dir=tmp_path, progress=False, run_config={"width": 8})
+    longer = TrainConfig(steps=15, checkpoint_every=5, log_every=5, precision="fp32")
+    m = train(model, loss_fn, get_batch, longer, run_dir=tmp_path, progress=False, run_config={"width": 4})
+    assert m["resumed_from"] == 10
 
 
 def test_sigkill_then_resume_continues_the_step_count(tmp_path):
@@ -135,7 +139,13 @@ def test_sigkill_then_resume_continues_the_step_count(tmp_path):
     history_steps = [h[0] for h in out["history"]]
     assert history_steps == sorted(set(history_steps)) and history_steps[-1] == steps  # no step counted twice
     assert out["final_loss"] < out["history"][0][1]
-    assert not state_path.exists()  # removed once training ends
+    # the final checkpoint stays until the caller has saved its artifact; a rerun then trains nothing
+    assert ckpt.load_state(state_path)["step"] == steps
+    again = subprocess.run([sys.executable, str(CHILD), str(tmp_path), str(steps)], env=env,
+                           capture_output=True, text=True, timeout=300, check=True)
+    assert json.loads(again.stdout.strip().splitlines()[-1])["resumed_from"] == steps
+    clear_state(tmp_path)
+    assert not state_path.exists()
 
 
 def test_precision_choice():

@@ -29,13 +29,14 @@ class ArtifactError(RuntimeError):
 
 
 class ConfigMismatchError(ArtifactError):
-    """The stored config differs from the expected one; `.differences` lists the fields."""
+    """A stored config differs from the expected one; `.differences` lists the fields as
+    'path: stored != expected'."""
 
-    def __init__(self, folder: Path, differences: list[str]):
-        self.differences = differences
+    def __init__(self, path: Path, differences: list[str], advice: str = ""):
+        self.path, self.differences = path, differences
         lines = "\n  ".join(differences)
-        super().__init__(f"{folder}/{CONFIG} was made with a different config:\n  {lines}\n"
-                         "Use another artifacts folder, or retrain this stage (retrain=True).")
+        advice = advice or "Use another artifacts folder, or retrain this stage (retrain=True)."
+        super().__init__(f"{path} was made with a different config (stored != expected):\n  {lines}\n{advice}")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -124,6 +125,14 @@ def save_stage(folder: str | Path, stage: str, state_dict: dict[str, torch.Tenso
     return folder
 
 
+def archive_stage(folder: str | Path) -> Path:
+    """Move a stage folder aside (to `<name>.stale-<UTC time>`) so nothing saved is lost."""
+    folder = Path(folder)
+    target = folder.with_name(f"{folder.name}.stale-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}")
+    folder.rename(target)
+    return target
+
+
 def stage_exists(folder: str | Path) -> bool:
     folder = Path(folder)
     return all((folder / name).exists() for name in (WEIGHTS, CONFIG, METRICS))
@@ -139,13 +148,16 @@ def load_stage(folder: str | Path, stage: str, expected_config=None, device: str
     if not folder.is_dir():
         raise ArtifactError(f"no {stage} artifact at {folder} (the folder does not exist)")
     meta = read_json(folder / CONFIG)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{folder}/{CONFIG} has format version {meta.get('format_version')!r}; this "
+                            f"unclip_lite reads version {FORMAT_VERSION}. Retrain the stage.")
     if meta.get("stage") != stage:
         raise ArtifactError(f"{folder}/{CONFIG} holds stage {meta.get('stage')!r}, expected {stage!r}")
     if expected_config is not None:
         want = config_lib.to_dict(expected_config) if not isinstance(expected_config, dict) else expected_config
         differences = config_lib.diff(meta["config"], want)
         if differences:
-            raise ConfigMismatchError(folder, differences)
+            raise ConfigMismatchError(folder / CONFIG, differences)
     state = load_tensors(folder / WEIGHTS, device=device)
     metrics = read_json(folder / METRICS)
     return state, meta, metrics

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import write_json
+from .config import PRESETS
 
 SUMMARY_DIR = "course"
 
@@ -112,9 +113,10 @@ def print_table(results: list[NotebookResult], stream=sys.stdout) -> None:
         print(f"{r.name:<{width}}  {t}  {r.status:<7}  {r.key_metric}", file=stream)
     passed = sum(r.status == "passed" for r in results)
     failed = sum(r.status == "failed" for r in results)
-    skipped = sum(r.status == "not run" for r in results)
-    tail = f", {skipped} skipped" if skipped else ""
-    print(f"\n{passed} passed, {failed} failed{tail}", file=stream, flush=True)
+    not_run = sum(r.status == "not run" for r in results)
+    if not_run:
+        print(f"({not_run} notebook(s) not run after the failure)", file=stream)
+    print(f"\n{passed} passed, {failed} failed", file=stream, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,5 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", default="build/artifacts", help="the shared artifacts folder")
     parser.add_argument("--only", nargs="*", help="run only notebooks whose names start with these")
     args = parser.parse_args(argv)
+    if args.preset not in PRESETS:
+        parser.error(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
+    if not discover(args.notebooks, args.only):
+        parser.error(f"no notebooks NN_*.ipynb{' matching ' + str(args.only) if args.only else ''} in "
+                     f"{Path(args.notebooks).resolve()} (run from the repository root, or pass --notebooks)")
     results = run_course(args.notebooks, args.out, args.artifacts, args.preset, args.only)
     return 0 if all(r.status == "passed" for r in results) else 1

@@ -90,7 +90,7 @@ class CaptionFolder:
 
     def _read_jsonl(self, path: Path):
         rows = []
-        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+        for line_no, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -105,7 +105,7 @@ class CaptionFolder:
         return rows
 
     def _read_csv(self, path: Path):
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: tolerate a spreadsheet's BOM
             reader = csv.DictReader(f)
             header = reader.fieldnames or []
             missing = [c for c in REQUIRED_COLUMNS if c not in header]
@@ -116,6 +116,8 @@ class CaptionFolder:
             return [(line_no, row) for line_no, row in enumerate(reader, start=2)]
 
     def _check(self, line_no: int, row: dict):
+        if None in row:  # csv.DictReader puts surplus fields under the key None
+            return self._fail(line_no, f"{len(row[None])} more field(s) than the header's columns: {row[None]}")
         missing = [c for c in REQUIRED_COLUMNS if c not in row]
         unknown = [c for c in row if c not in REQUIRED_COLUMNS + OPTIONAL_COLUMNS]
         if missing or unknown:
@@ -133,7 +135,12 @@ class CaptionFolder:
             return self._fail(line_no, f"image file {path} cannot be read as an image ({e})")
         attributes = row.get("attributes") or {}
         if isinstance(attributes, str):
-            attributes = json.loads(attributes) if attributes.strip() else {}
+            try:
+                attributes = json.loads(attributes) if attributes.strip() else {}
+            except json.JSONDecodeError as e:
+                return self._fail(line_no, f"the attributes of {row['file']!r} are not valid JSON ({e.msg})")
+        if not isinstance(attributes, dict):
+            return self._fail(line_no, f"the attributes of {row['file']!r} must be a JSON object, got {attributes!r}")
         return path, caption.strip(), attributes
 
     # -- sequence interface -------------------------------------------------------------------
@@ -166,9 +173,9 @@ def dataset_key(dataset, n: int) -> str:
         from .config import to_dict
         ident = json.dumps({"world": to_dict(dataset.cfg), "version": WORLD_VERSION, "split": dataset.split,
                             "n": n}, sort_keys=True)
-    else:
-        ident = json.dumps({"root": str(Path(dataset.root).resolve()), "n": n,
-                            "entries": [str(e[0]) for e in dataset.entries[:n]]})
+    else:  # file names, modification times and captions: an edited folder gets a new cache
+        ident = json.dumps({"root": str(Path(dataset.root).resolve()), "n": n, "size": dataset.image_size,
+                            "entries": [[str(p), p.stat().st_mtime_ns, c] for p, c, _ in dataset.entries[:n]]})
     return hashlib.sha1(ident.encode()).hexdigest()[:12]
 
 

@@ -2,7 +2,7 @@
 
 The judge is a small CNN trained on ShapesWorld to read every attribute of a scene: the first
 object's shape, colour and size, the background, the object count, the second object's shape,
-colour and size when there is one, and the first object's position. It is trained with blur, noise and 32 px round trips so that it also reads generated
+colour and size when there is one, and the first object's position. It is trained with blur, noise and low-resolution round trips so that it also reads generated
 images, which are never pixel-perfect. Later stages are scored with it, never with their own
 models. Its penultimate features stand in for Inception's in a Fréchet distance (no Inception
 weights can be downloaded here).
@@ -21,9 +21,9 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import JudgeConfig, Preset, WorldConfig, from_dict, to_dict
 from .data import rendered
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, resolve_device, resolve_precision, seed_everything
 from .shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, ShapesWorld
-from .train import train
+from .train import clear_state, train
 
 # Classification heads: name -> (vocabulary, where in the attributes to read it)
 HEADS = {
@@ -85,7 +85,7 @@ def degrade(x: torch.Tensor, blur: float = 0.0, noise: float = 0.0, down: bool =
         x = F.interpolate(F.interpolate(x, size=h // 2, mode="area"), size=h, mode="bilinear", align_corners=False)
     x = gaussian_blur(x, blur)
     if noise > 0:
-        x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        x = x + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     return x.clamp(-1, 1)
 
 
@@ -139,8 +139,14 @@ class Judge(nn.Module):
         self.to(memory_format=torch.channels_last)  # 15% faster bf16 convolutions on this CPU
 
     @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) or float in [-1, 1] -> float (N, 3, 32, 32) in [-1, 1]."""
+    def prepare(images) -> torch.Tensor:
+        """Images -> float (N, 3, 32, 32) in [-1, 1]. Accepts uint8 (N, 3, H, W) tensors, float
+        tensors already in [-1, 1] (the diffusion models' output), and uint8 (N, H, W, 3) arrays
+        (ShapesWorld's `Sample.image`, stacked)."""
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"numpy images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+            images = torch.from_numpy(images).permute(0, 3, 1, 2)
         x = images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images.float()
         if x.shape[-1] != Judge.image_size:
             x = F.interpolate(x, size=Judge.image_size, mode="bilinear", align_corners=False,
@@ -327,15 +333,16 @@ def train_judge(preset: Preset, out_dir: str | Path, progress: bool = True) -> T
     cfg, out_dir = preset.judge, Path(out_dir)
     cache = out_dir.parent / "cache"
     data = rendered(ShapesWorld("train", judge_world(preset.world)), cfg.n_train_images, cache)
-    torch.manual_seed(cfg.train.seed)
+    seed_everything(cfg.train.seed)
     model = Judge(cfg.width, cfg.feature_dim)
     train_metrics = train(model, judge_loss, _judge_batches(data, cfg), cfg.train, run_dir=out_dir,
-                          progress=progress, desc="judge")
+                          progress=progress, desc="judge", run_config=_stage_config(preset))
     judge = TrainedJudge(model, device=cfg.train.device)
     accuracy = evaluate_judge(judge, preset.world, cfg.n_eval_images, cache)
     metrics = {"train": train_metrics, "accuracy": accuracy,
                "n_params": sum(p.numel() for p in model.parameters())}
     ckpt.save_stage(out_dir, "judge", model.state_dict(), _stage_config(preset), metrics)
+    clear_state(out_dir)
     judge.metrics = ckpt.read_json(out_dir / ckpt.METRICS)
     return judge
 
@@ -358,10 +365,19 @@ def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = Fals
                  progress: bool = True) -> TrainedJudge:
     """Load the judge from `artifacts_dir/judge`, training it first if it is missing.
 
-    A stored judge made with another config raises ConfigMismatchError (nothing is overwritten)
-    unless `retrain` is set.
+    A stored judge made with another config (or `retrain=True`) is moved aside to
+    `judge.stale-<time>` and a new one is trained: nothing saved is lost, and the message says
+    which fields differed. Use `load_judge` to load strictly.
     """
     folder = Path(artifacts_dir) / "judge"
-    if ckpt.stage_exists(folder) and not retrain:
-        return load_judge(folder, preset)
+    if ckpt.stage_exists(folder):
+        try:
+            if not retrain:
+                return load_judge(folder, preset)
+            reason = "retrain=True"
+        except ckpt.ConfigMismatchError as err:
+            reason = "its config differs: " + "; ".join(err.differences)
+        print(f"judge: moved the stored judge to {ckpt.archive_stage(folder)} ({reason}); training a new one")
+    elif retrain:
+        clear_state(folder)  # an interrupted run's checkpoint would otherwise be resumed
     return train_judge(preset, folder, progress=progress)

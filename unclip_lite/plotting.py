@@ -4,14 +4,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .data import to_uint8
+
 
 def _as_uint8(images) -> np.ndarray:
     """(N, 3, H, W) uint8/float[-1,1] tensors or (N, H, W, 3) uint8 arrays -> (N, H, W, 3) uint8."""
     if isinstance(images, torch.Tensor):
-        x = images.detach().cpu()
-        if x.dtype != torch.uint8:
-            x = x.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
-        return x.permute(0, 2, 3, 1).numpy()
+        if images.dtype == torch.uint8:
+            return images.detach().cpu().permute(0, 2, 3, 1).numpy()
+        return to_uint8(images)
     x = np.asarray(images)
     return x if x.shape[-1] == 3 else x.transpose(0, 2, 3, 1)
 

@@ -2,8 +2,8 @@
 
 `auto` means CUDA when present, else the CPU; bf16 autocast wherever the hardware runs bf16
 matrix work natively (CUDA with bf16 support, or a CPU with AVX512-BF16 / AMX). On this course's
-reference CPU (AVX512-BF16) bf16 matmuls and convolutions run 2.2-2.6x faster than fp32
-(`benchmarks/bench_precision.py`).
+reference CPU (AVX512-BF16, no AMX) bf16 runs matmuls and convolutions 1.6-3x faster than fp32,
+depending on the operation and the run (`benchmarks/bench_precision.py`).
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ def resolve_precision(precision: str = "auto", device: str | torch.device = "aut
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         precision = os.environ.get("UNCLIP_PRECISION", "auto")
+        if precision not in PRECISIONS:
+            raise ValueError(f"the environment variable UNCLIP_PRECISION must be one of {PRECISIONS}, got {precision!r}")
     if precision != "auto":
         return precision
     dev = resolve_device(device)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 from .config import WorldConfig
 
 # Bump when rendering, captions or attribute sampling change: it keys every render cache.
-WORLD_VERSION = 3
+WORLD_VERSION = 4
 
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross")
 COLOURS = {
@@ -248,10 +248,15 @@ def parse_caption(caption: str) -> dict:
     return out
 
 
+_FILLER_WORDS = {"a", "an", "the", "on", "background"}
+
+
 def parse_composition(text: str) -> dict:
     """A held-out composition such as "green star" as {"colour": "green", "shape": "star"}."""
     comp = {}
     for word in text.lower().split():
+        if word in _FILLER_WORDS:
+            continue
         attr = _WORD_TO_ATTR.get(word)
         if attr is None:
             raise ValueError(f"held-out composition {text!r}: unknown word {word!r}; use words from "
@@ -284,9 +289,10 @@ class Sample:
 class ShapesWorld:
     """A split of ShapesWorld, indexed like a sequence: ``world[i]`` is a `Sample`.
 
-    ``train`` never contains a held-out composition (for example every green star); ``heldout``
-    contains only scenes whose first object is one. ``val`` and ``test`` share train's
-    distribution with other images.
+    ``train`` never contains a held-out composition (for example every green star); every
+    ``heldout`` scene contains one, as ``objects[attributes["held_out_object"]]`` (in two-object
+    scenes it may sit on either side). ``val`` and ``test`` share train's distribution with other
+    images.
     """
 
     def __init__(self, split: str = "train", cfg: WorldConfig | None = None, length: int | None = None):
@@ -313,21 +319,15 @@ class ShapesWorld:
     def _is_held_out(self, obj: dict, background: str) -> bool:
         return any(matches(obj, background, c) for c in self.held_out)
 
-    def _draw_object(self, rng: np.random.Generator, background: str, first: bool) -> dict:
-        """Draw an object's discrete attributes, honouring the split's held-out rule."""
-        if self.split == "heldout" and first:
-            comp = self.held_out[rng.integers(len(self.held_out))]
-            obj = {k: v for k, v in comp.items() if k != "background"}
-        else:
-            obj = {}
+    def _draw_object(self, rng: np.random.Generator, background: str, fixed: dict | None = None) -> dict:
+        """Draw an object's discrete attributes. With `fixed` (a held-out composition) those
+        attributes are kept; otherwise the object is redrawn until it matches no composition."""
         for _ in range(1000):
-            cand = dict(obj)
+            cand = {k: v for k, v in (fixed or {}).items() if k != "background"}
             cand.setdefault("shape", SHAPES[rng.integers(len(SHAPES))])
             cand.setdefault("colour", tuple(COLOURS)[rng.integers(len(COLOURS))])
             cand.setdefault("size", tuple(SIZES)[rng.integers(len(SIZES))])
-            if self.split == "heldout" and first:
-                return cand
-            if not self._is_held_out(cand, background):
+            if fixed is not None or not self._is_held_out(cand, background):
                 return cand
         raise ValueError(f"the held-out compositions {self.cfg.held_out} exclude every object")
 
@@ -335,16 +335,18 @@ class ShapesWorld:
         """The ground-truth attributes of scene `index` (cheap: nothing is rendered)."""
         rng = np.random.default_rng([self.cfg.seed, SPLITS[self.split], index, 0])
         two = rng.random() < self.cfg.p_two_objects
+        comp = self.held_out[rng.integers(len(self.held_out))] if self.split == "heldout" else None
         background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
-        if self.split == "heldout":
-            comp_bgs = [c["background"] for c in self.held_out if "background" in c]
-            if comp_bgs and len(comp_bgs) == len(self.held_out):
-                background = comp_bgs[rng.integers(len(comp_bgs))]
-        first = self._draw_object(rng, background, first=True)
-        objs = [first] + ([self._draw_object(rng, background, first=False)] if two else [])
+        if comp is not None and "background" in comp:
+            background = comp["background"]
+        objs = [self._draw_object(rng, background, comp)]
+        if two:
+            objs.append(self._draw_object(rng, background))
         relation = RELATIONS[rng.integers(2)] if two else None
+        held_at = 0
         if two and rng.random() < 0.5:
             objs.reverse()  # the held-out object may sit on either side
+            held_at = 1
         for k, obj in enumerate(objs):
             r = SIZES[obj["size"]]
             lo, hi = r + 1.5 / self.cfg.image_size, 1 - r - 1.5 / self.cfg.image_size
@@ -360,11 +362,10 @@ class ShapesWorld:
                "shape": objs[0]["shape"], "colour": objs[0]["colour"], "size": objs[0]["size"]}
         if two:
             out["relation"] = relation
+        if comp is not None:
+            out["held_out_object"] = held_at
         return out
 
-    def images(self, indices) -> np.ndarray:
-        """Render several scenes at once: uint8 (N, H, W, 3)."""
-        return np.stack([render(self.attributes(i), self.cfg.image_size, self.cfg.supersample) for i in indices])
 
 
 def caption_matches(caption_attrs: dict, scene_attrs: dict) -> bool:

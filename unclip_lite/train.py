@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import config as config_lib
 from .config import TrainConfig
-from .runtime import autocast, resolve_device, resolve_precision
+from .runtime import autocast, resolve_device, resolve_precision, seed_everything
 
 STATE_FILE = "train_state.safetensors"
 
@@ -80,15 +80,19 @@ class EMA:
 
 
 def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], cfg: TrainConfig,
-          run_dir: str | Path | None = None, progress: bool = True, desc: str = "train") -> dict:
+          run_dir: str | Path | None = None, progress: bool = True, desc: str = "train",
+          run_config: dict | None = None) -> dict:
     """Train `model` in place; on return it holds the EMA weights. Returns the metrics dict.
 
     With `run_dir`, a resumable checkpoint is written there every `cfg.checkpoint_every` steps
-    and an interrupted run continues from it; the checkpoint is removed once training ends.
+    and at the end; an interrupted run continues from it. `run_config` (the whole stage config:
+    model, data) is stored with it, and a resume under any other config (other than a changed
+    step count) is refused. The caller removes the checkpoint with `clear_state` once it has
+    saved the stage's artifact, so a crash in between loses nothing.
     """
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     model.to(device)
     decay_params = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     other_params = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
@@ -99,13 +103,14 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
     history: list[list[float]] = []
     start, resumed_from = 0, None
     state_path = Path(run_dir) / STATE_FILE if run_dir is not None else None
-    cfg_dict = config_lib.to_dict(cfg)
+    full_config = {"train": config_lib.to_dict(cfg), "run": run_config or {}}
 
     if state_path is not None and state_path.exists():
         state = ckpt.load_state(state_path)
-        differences = [d for d in config_lib.diff(state["train_config"], cfg_dict) if not d.startswith("steps:")]
+        differences = [d for d in config_lib.diff(state["config"], full_config) if not d.startswith("train.steps:")]
         if differences:
-            raise ckpt.ConfigMismatchError(state_path.parent, differences)
+            raise ckpt.ConfigMismatchError(state_path, differences, advice=(
+                f"It is an interrupted run's checkpoint; delete {state_path} to start this run over."))
         model.load_state_dict(state["model"])
         ema.shadow = {k: v.float() for k, v in state["ema"].items()}
         opt.load_state_dict(state["optimizer"])
@@ -119,7 +124,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         ckpt.save_state(state_path, {
             "step": step, "model": model.state_dict(), "ema": ema.shadow,
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            "history": history, "train_config": cfg_dict,
+            "history": history, "config": full_config,
         })
 
     model.train()
@@ -135,10 +140,8 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         loss_value = float(loss.detach())
         if not math.isfinite(loss_value):
             bar.close()
-            kept = f"the last good checkpoint is kept at {state_path}" if state_path and state_path.exists() \
-                else "no checkpoint had been written yet"
             raise NonFiniteLossError(f"{desc}: the loss became {loss_value} at step {step}; training "
-                                     f"stopped and {kept}. Lower the learning rate or check the data.")
+                                     f"stopped and {_kept(state_path)}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -146,7 +149,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
             if not math.isfinite(gnorm):
                 bar.close()
                 raise NonFiniteLossError(f"{desc}: the gradient norm became {gnorm} at step {step}; "
-                                         f"training stopped (last good checkpoint kept at {state_path}).")
+                                         f"training stopped and {_kept(state_path)}")
         opt.step()
         ema.update(model, 0.0 if step < cfg.ema_start else None)
         samples += _batch_size(batch)
@@ -160,12 +163,12 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
             save_checkpoint(step + 1)
     bar.close()
     wall = time.perf_counter() - t0
+    if start < cfg.steps:
+        save_checkpoint(cfg.steps)
     model.load_state_dict(ema.state_dict(model))
     recalibrate_batchnorm(model, loss_fn, get_batch, range(cfg.steps, cfg.steps + BN_RECALIBRATION_BATCHES),
                           device, precision)
     model.eval()
-    if state_path is not None and state_path.exists():
-        state_path.unlink()
     return {
         "steps": cfg.steps,
         "resumed_from": resumed_from,
@@ -178,6 +181,18 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def _kept(state_path: Path | None) -> str:
+    if state_path is not None and state_path.exists():
+        return (f"the last good checkpoint is kept at {state_path}. Check the data, or delete the "
+                "checkpoint and lower the learning rate (a resume needs the same config).")
+    return "no checkpoint had been written yet. Check the data, or lower the learning rate."
+
+
+def clear_state(run_dir: str | Path) -> None:
+    """Remove a finished run's resumable checkpoint (call after saving the stage artifact)."""
+    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
 
 
 BN_RECALIBRATION_BATCHES = 16
