@@ -2,10 +2,11 @@
 
 The judge is a small CNN trained on ShapesWorld to read every attribute of a scene: the first
 object's shape, colour and size, the background, the object count, the second object's shape,
-colour and size when there is one, and the first object's position. It is trained with blur, noise and low-resolution round trips so that it also reads generated
-images, which are never pixel-perfect. Later stages are scored with it, never with their own
-models. Its penultimate features stand in for Inception's in a Fréchet distance (no Inception
-weights can be downloaded here).
+colour and size when there is one, and the first object's position. It is trained with blur,
+noise and low-resolution round trips so that it also reads generated images, which are never
+pixel-perfect. Later stages are scored with it, never with their own models. Its penultimate
+features stand in for Inception's in a Fréchet distance (no Inception weights can be downloaded
+here).
 """
 from __future__ import annotations
 
@@ -333,15 +334,16 @@ def train_judge(preset: Preset, out_dir: str | Path, progress: bool = True) -> T
     cfg, out_dir = preset.judge, Path(out_dir)
     cache = out_dir.parent / "cache"
     data = rendered(ShapesWorld("train", judge_world(preset.world)), cfg.n_train_images, cache)
+    stage_config = _stage_config(preset)
     seed_everything(cfg.train.seed)
     model = Judge(cfg.width, cfg.feature_dim)
     train_metrics = train(model, judge_loss, _judge_batches(data, cfg), cfg.train, run_dir=out_dir,
-                          progress=progress, desc="judge", run_config=_stage_config(preset))
+                          progress=progress, desc="judge", run_config=stage_config)
     judge = TrainedJudge(model, device=cfg.train.device)
     accuracy = evaluate_judge(judge, preset.world, cfg.n_eval_images, cache)
     metrics = {"train": train_metrics, "accuracy": accuracy,
                "n_params": sum(p.numel() for p in model.parameters())}
-    ckpt.save_stage(out_dir, "judge", model.state_dict(), _stage_config(preset), metrics)
+    ckpt.save_stage(out_dir, "judge", model.state_dict(), stage_config, metrics)
     clear_state(out_dir)
     judge.metrics = ckpt.read_json(out_dir / ckpt.METRICS)
     return judge
@@ -371,12 +373,12 @@ def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = Fals
     """
     folder = Path(artifacts_dir) / "judge"
     if ckpt.stage_exists(folder):
-        try:
-            if not retrain:
+        reason = "retrain=True"
+        if not retrain:
+            try:
                 return load_judge(folder, preset)
-            reason = "retrain=True"
-        except ckpt.ConfigMismatchError as err:
-            reason = "its config differs: " + "; ".join(err.differences)
+            except ckpt.ConfigMismatchError as err:
+                reason = "its config differs: " + "; ".join(err.differences)
         print(f"judge: moved the stored judge to {ckpt.archive_stage(folder)} ({reason}); training a new one")
     elif retrain:
         clear_state(folder)  # an interrupted run's checkpoint would otherwise be resumed

@@ -367,7 +367,6 @@ class ShapesWorld:
         return out
 
 
-
 def caption_matches(caption_attrs: dict, scene_attrs: dict) -> bool:
     """Does a scene have every attribute a caption names (in canonical object order)?"""
     if caption_attrs.get("count", 1) != scene_attrs["count"]:
