@@ -39,6 +39,7 @@ lab: install
 bench: install
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_precision.py
+	$(PY) benchmarks/bench_clip.py
 
 ## Regenerate the tiny example dataset in data/example/.
 example-data: install

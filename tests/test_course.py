@@ -64,3 +64,10 @@ def test_the_course_runs_every_notebook_at_course_defaults():
     n = len(discover(ROOT / "notebooks"))
     assert proc.returncode == 0
     assert proc.stdout.rstrip().splitlines()[-1] == f"{n} passed, 0 failed"
+
+
+def test_every_notebook_runs_at_the_smoke_preset(tmp_path):
+    """Seconds per notebook: catches a broken notebook long before the course-scale run."""
+    out = io.StringIO()
+    results = run_course(ROOT / "notebooks", tmp_path / "executed", tmp_path / "artifacts", preset="smoke", stream=out)
+    assert [r.status for r in results] == ["passed"] * len(results), out.getvalue()[-3000:]

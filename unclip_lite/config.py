@@ -72,12 +72,28 @@ class JudgeConfig:
 
 
 @dataclass
+class ClipConfig:
+    """CLIP: a tiny open_clip model trained contrastively on ShapesWorld (clip.py)."""
+
+    model: str = "shapes-rn-64"  # an open_clip model config name (ours live in unclip_lite/model_configs)
+    n_train_images: int = 40_000  # rendered training scenes (cached as a tensor)
+    p_partial_caption: float = 0.3  # share of one-object scenes captioned partially ("a red shape")
+    n_eval: int = 1_000  # val and held-out scenes for the metrics
+    train: TrainConfig = field(  # the training loop: about 3 minutes on 2 cores at the course preset
+        default_factory=lambda: TrainConfig(steps=1100, batch_size=128, lr=2e-3, warmup_steps=50,
+                                            weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6,
+                                            ema_decay=0.99, checkpoint_every=200)
+    )
+
+
+@dataclass
 class Preset:
     """All stage configs of one named preset."""
 
     name: str = "course"  # smoke | course | gpu
     world: WorldConfig = field(default_factory=WorldConfig)  # the data world
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # the ruler
+    clip: ClipConfig = field(default_factory=ClipConfig)  # the latent space
 
 
 def _smoke() -> Preset:
@@ -87,6 +103,9 @@ def _smoke() -> Preset:
         judge=JudgeConfig(width=8, feature_dim=32, n_train_images=512, n_eval_images=128,
                           train=TrainConfig(steps=20, batch_size=32, lr=2e-3, warmup_steps=2,
                                             checkpoint_every=10, log_every=5)),
+        clip=ClipConfig(n_train_images=512, n_eval=128,
+                        train=TrainConfig(steps=12, batch_size=32, lr=2e-3, warmup_steps=2, ema_decay=0.9,
+                                          checkpoint_every=6, log_every=3)),
     )
 
 
@@ -98,6 +117,10 @@ def _gpu() -> Preset:
                           train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup_steps=100,
                                             weight_decay=1e-4, ema_decay=0.999,
                                             checkpoint_every=1000)),
+        clip=ClipConfig(n_train_images=100_000, n_eval=2_000,
+                        train=TrainConfig(steps=4000, batch_size=512, lr=2e-3, warmup_steps=200,
+                                          weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, ema_decay=0.995,
+                                          checkpoint_every=1000)),
     )
 
 

@@ -63,3 +63,24 @@ def accuracy_table(report: dict[str, dict[str, float]], digits: int = 3) -> str:
     for row, vals in report.items():
         lines.append(f"{row:<{w}}" + "".join(f"{vals.get(c, float('nan')):>11.{digits}f}" for c in cols))
     return "\n".join(lines)
+
+
+def scatter_by(points, labels: list[str], ax=None, title: str = "", palette: dict | None = None, size: float = 6):
+    """A 2-D scatter with one colour per label value and a legend (e.g. PCA of embeddings)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4, 4))
+    points = np.asarray(points)
+    values = sorted(set(labels), key=str)
+    cmap = plt.get_cmap("tab10")
+    for k, v in enumerate(values):
+        sel = np.array([lab == v for lab in labels])
+        colour = (palette or {}).get(v, cmap(k % 10))
+        ax.scatter(points[sel, 0], points[sel, 1], s=size, color=colour, label=str(v), alpha=0.7,
+                   edgecolors="grey" if v == "white" else "none", linewidths=0.3)
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=6, markerscale=2, loc="best")
+    return ax

@@ -379,3 +379,78 @@ def caption_matches(caption_attrs: dict, scene_attrs: dict) -> bool:
         if any(have[k] != v for k, v in want.items()):
             return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial captions and vectorised matching (used by CLIP's training and its zero-shot prompts)
+
+PROMPT_ATTRIBUTES = ("shape", "colour", "size", "background")
+
+
+def partial_caption(attributes: dict, named: tuple[str, ...] | list[str], rng: np.random.Generator | None = None) -> str:
+    """A caption of a one-object scene naming only the attributes in `named`.
+
+    ``named=("colour",)`` gives "a red shape"; ``("shape", "background")`` gives "a star on a
+    striped background". The generic noun "shape" stands in for an unnamed shape. Synonyms are
+    drawn with `rng` (the first synonym without one). These captions teach CLIP that a caption
+    may leave attributes out, and they are the zero-shot prompts.
+    """
+    unknown = sorted(set(named) - set(PROMPT_ATTRIBUTES))
+    if unknown or not named:
+        raise ValueError(f"named must be a non-empty subset of {PROMPT_ATTRIBUTES}, got {tuple(named)}")
+    pick = (lambda words: words[rng.integers(len(words))]) if rng is not None else (lambda words: words[0])
+    obj = attributes["objects"][0] if "objects" in attributes else attributes
+    words = []
+    if "size" in named:
+        words.append(pick(SIZE_WORDS[obj["size"]]))
+    if "colour" in named:
+        words.append(obj["colour"])
+    words.append(obj["shape"] if "shape" in named else "shape")
+    text = "a " + " ".join(words)
+    if "background" in named:
+        text += f" on a {pick(BACKGROUND_WORDS[attributes['background']])} background"
+    return text
+
+
+MATCH_FIELDS = ("count", "background", "relation", "shape", "colour", "size", "shape2", "colour2", "size2")
+_VOCAB = {"background": BACKGROUNDS, "relation": RELATIONS, "shape": SHAPES, "colour": tuple(COLOURS),
+          "size": tuple(SIZES)}
+ANY, ABSENT = -1, -2  # codes: a caption that leaves a field out / a scene without a second object
+
+
+def scene_codes(attributes: list[dict]) -> np.ndarray:
+    """Scenes' attributes as an int array (N, len(MATCH_FIELDS)), for `match_matrix`."""
+    out = np.full((len(attributes), len(MATCH_FIELDS)), ABSENT, dtype=np.int64)
+    for i, a in enumerate(attributes):
+        out[i, 0] = a["count"]
+        out[i, 1] = BACKGROUNDS.index(a["background"])
+        if "relation" in a:
+            out[i, 2] = RELATIONS.index(a["relation"])
+        for k, obj in enumerate(a["objects"][:2]):
+            for j, attr in enumerate(("shape", "colour", "size")):
+                out[i, 3 + 3 * k + j] = _VOCAB[attr].index(obj[attr])
+    return out
+
+
+def caption_codes(captions: list[str]) -> np.ndarray:
+    """What captions name, as an int array (N, len(MATCH_FIELDS)); ANY where a caption is silent."""
+    out = np.full((len(captions), len(MATCH_FIELDS)), ANY, dtype=np.int64)
+    for i, caption in enumerate(captions):
+        c = parse_caption(caption)
+        out[i, 0] = c["count"]
+        if "background" in c:
+            out[i, 1] = BACKGROUNDS.index(c["background"])
+        if "relation" in c:
+            out[i, 2] = RELATIONS.index(c["relation"])
+        for k, obj in enumerate(c["objects"][:2]):
+            for j, attr in enumerate(("shape", "colour", "size")):
+                if attr in obj:
+                    out[i, 3 + 3 * k + j] = _VOCAB[attr].index(obj[attr])
+    return out
+
+
+def match_matrix(captions: np.ndarray, scenes: np.ndarray) -> np.ndarray:
+    """(A, B) bool: does scene b have every attribute caption a names? Vectorised
+    `caption_matches`; takes `caption_codes` and `scene_codes` arrays (numpy or torch)."""
+    c, s = captions[:, None, :], scenes[None, :, :]
+    return ((c == ANY) | (c == s)).all(-1)
