@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/bench_shapes.py
 	$(PY) benchmarks/bench_precision.py
 	$(PY) benchmarks/bench_clip.py
+	$(PY) benchmarks/bench_decoder.py
 
 ## Regenerate the tiny example dataset in data/example/.
 example-data: install

@@ -30,12 +30,11 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import checkpoint as ckpt
 from .config import ClipConfig, Preset, from_dict, to_dict
 from .data import dataset_key, rendered
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything
+from .runtime import attention_backend, autocast, resolve_device, resolve_precision, seed_everything
 from .shapes import (BACKGROUNDS, COLOURS, PROMPT_ATTRIBUTES, SHAPES, SIZES, ShapesWorld, caption_codes,
                      match_matrix, partial_caption, scene_codes)
 from .train import clear_state, train
@@ -51,16 +50,6 @@ def register_models() -> None:
     if not _registered:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
         _registered = True
-
-
-def attention_backend():
-    """The scaled-dot-product attention kernel for these short sequences on CPU.
-
-    Measured here (course model, batch 256, bf16): PyTorch's default CPU flash-attention kernel
-    made the vision tower's backward pass 1.4x slower than the plain math kernel, because its
-    backward is poorly vectorised for 65 tokens of head width 32. On CUDA the default is kept.
-    """
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 # ---------------------------------------------------------------------------------------------

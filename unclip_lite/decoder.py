@@ -1,0 +1,253 @@
+"""The decoder: a diffusion U-Net that turns a CLIP image embedding z_i (and the caption) into a
+32x32 image (paper §2.1).
+
+Conditioning, as in the paper:
+- z_i is projected and added to the timestep embedding;
+- z_i is also projected into `n_z_tokens` extra context tokens, concatenated with the caption's
+  per-token CLIP states, which the U-Net's attention layers attend to;
+- for classifier-free guidance, z_i is replaced by a learned null 10% of the time, and the
+  caption is dropped 50% of the time. Sampling mixes the conditional and the unconditional
+  (both dropped) outputs with a guidance scale.
+
+``caption_only=True`` builds the GLIDE-like baseline through the same code: z_i is never given
+(it is always the learned null), so the caption is the only signal.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint as ckpt
+from .clip import ClipModel, _fingerprint, embedding_cache, resize_uint8
+from .config import DecoderConfig, Preset, from_dict, to_dict
+from .data import rendered
+from .diffusion import GaussianDiffusion, guided
+from .runtime import autocast, resolve_device, resolve_precision, seed_everything
+from .shapes import ShapesWorld
+from .train import clear_state, train
+from .unet import UNet
+
+IMAGE_SIZE = 32
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, z_dim: int, text_width: int):
+        super().__init__()
+        self.cfg = cfg
+        ctx = cfg.context_dim
+        self.unet = UNet(3, 3, cfg.base_channels, tuple(cfg.channel_mults), cfg.blocks_per_level,
+                         tuple(cfg.attention_levels), cfg.heads, context_dim=ctx, dropout=cfg.dropout,
+                         patch_size=cfg.patch_size)
+        self.text_proj = nn.Sequential(nn.LayerNorm(text_width), nn.Linear(text_width, ctx))
+        self.null_token = nn.Parameter(torch.randn(1, 1, ctx) * 0.02)  # always attendable: no empty context
+        self.null_z = nn.Parameter(torch.zeros(z_dim))  # the learned "no z_i"
+        if not cfg.caption_only:
+            self.z_emb = nn.Linear(z_dim, self.unet.emb_dim)
+            self.z_tokens = nn.Linear(z_dim, cfg.n_z_tokens * ctx)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, z: torch.Tensor, states: torch.Tensor,
+                mask: torch.Tensor, drop_z: torch.Tensor | None = None,
+                drop_text: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t (B, 3, 32, 32), t (B,), z (B, z_dim) unit-norm z_i, states (B, L, width) caption token
+        states, mask (B, L) True for real tokens; drop_z / drop_text (B,) bool select the nulls."""
+        b = x_t.shape[0]
+        tokens = [self.null_token.expand(b, -1, -1)]
+        keep = [torch.ones(b, 1, dtype=torch.bool, device=x_t.device)]
+        emb = None
+        if not self.cfg.caption_only:
+            if drop_z is not None:
+                z = torch.where(drop_z[:, None], self.null_z.to(z.dtype).expand_as(z), z)
+            emb = self.z_emb(z)
+            tokens.append(self.z_tokens(z).view(b, self.cfg.n_z_tokens, -1))
+            keep.append(torch.ones(b, self.cfg.n_z_tokens, dtype=torch.bool, device=x_t.device))
+        tokens.append(self.text_proj(states.to(self.null_token.dtype)))
+        text_keep = mask.bool()
+        if drop_text is not None:
+            text_keep = text_keep & ~drop_text[:, None]
+        keep.append(text_keep)
+        context = torch.cat([tk.to(tokens[0].dtype) for tk in tokens], 1)
+        return self.unet(x_t, t, emb, context, torch.cat(keep, 1))
+
+
+def make_diffusion(cfg: DecoderConfig) -> GaussianDiffusion:
+    return GaussianDiffusion.from_schedule(cfg.schedule, 1000, cfg.objective)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+class DecoderBatches:
+    """`get_batch(step)`: 32 px images with their cached z_i and caption token states, plus the
+    timestep, noise and condition-dropout draws (all a pure function of the step)."""
+
+    def __init__(self, images: torch.Tensor, cache: dict, cfg: DecoderConfig, seed: int):
+        self.images = resize_uint8(images, IMAGE_SIZE)
+        self.cache, self.cfg, self.seed = cache, cfg, seed
+        if len(self.images) != len(cache["image_emb"]):
+            raise ValueError(f"{len(self.images)} images but {len(cache['image_emb'])} cached embeddings")
+
+    def __call__(self, step: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        b = self.cfg.train.batch_size
+        idx = torch.randint(len(self.images), (b,), generator=g)
+        rows = self.cache["caption_index"][idx]
+        x0 = self.images[idx].float().div(127.5).sub(1)
+        return {"x0": x0, "z": self.cache["image_emb"][idx], "states": self.cache["text_states"][rows].float(),
+                "mask": self.cache["text_mask"][rows], "t": torch.randint(0, 1000, (b,), generator=g),
+                "noise": torch.randn(x0.shape, generator=g),
+                "drop_z": torch.rand(b, generator=g) < self.cfg.p_drop_z,
+                "drop_text": torch.rand(b, generator=g) < self.cfg.p_drop_text}
+
+
+def decoder_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = None):
+    def loss_fn(model: Decoder, batch: dict) -> torch.Tensor:
+        def fn(x, t):
+            return model(x, t, batch["z"], batch["states"], batch["mask"], batch["drop_z"], batch["drop_text"])
+        return diffusion.training_loss(fn, batch["x0"], batch["t"], batch["noise"], min_snr_gamma=min_snr_gamma).mean()
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling
+
+
+class TrainedDecoder:
+    """A trained decoder with its diffusion, for sampling."""
+
+    def __init__(self, model: Decoder, cfg: DecoderConfig, device: str = "auto", precision: str = "auto",
+                 metrics: dict | None = None):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.cfg = cfg
+        self.diffusion = make_diffusion(cfg)
+        self.metrics = metrics or {}
+
+    def model_fn(self, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, guidance: float):
+        """fn(x_t, t) for the sampler: guided, bf16 where enabled, output in float32."""
+        z, states, mask = z.to(self.device), states.to(self.device).float(), mask.to(self.device)
+
+        def raw(x, t, drop):
+            n = x.shape[0] // z.shape[0]  # guided() doubles the batch
+            with torch.no_grad(), autocast(self.device, self.precision):
+                out = self.model(x, t, z.repeat(n, 1),
+                                 states.repeat(n, 1, 1), mask.repeat(n, 1), drop, drop)
+            return out.float()
+        return guided(raw, guidance)
+
+    def sample(self, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, steps: int | None = None,
+               guidance: float | None = None, eta: float | None = 0.0, generator: torch.Generator | None = None,
+               noise: torch.Tensor | None = None, batch_size: int = 128) -> torch.Tensor:
+        """Images (B, 3, 32, 32) in [-1, 1] for z_i and caption states; eta=None is DDPM."""
+        steps = steps or self.cfg.sample_steps
+        guidance = self.cfg.guidance_scale if guidance is None else guidance
+        diffusion = self.diffusion.respaced(steps)
+        out = []
+        for i in range(0, len(z), batch_size):
+            sl = slice(i, i + batch_size)
+            start = noise[sl] if noise is not None else (min(batch_size, len(z) - i), 3, IMAGE_SIZE, IMAGE_SIZE)
+            fn = self.model_fn(z[sl], states[sl], mask[sl], guidance)
+            out.append(diffusion.sample(fn, start, eta=eta, generator=generator, device=self.device).cpu())
+        return torch.cat(out)
+
+    def invert(self, images: torch.Tensor, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+               steps: int | None = None, guidance: float = 1.0) -> torch.Tensor:
+        """DDIM inversion of 32 px images in [-1, 1] under their condition: x_0 -> x_T."""
+        diffusion = self.diffusion.respaced(steps or self.cfg.sample_steps)
+        return diffusion.ddim_invert(self.model_fn(z, states, mask, guidance), images.to(self.device)).cpu()
+
+
+def texts_for(clip: ClipModel, captions: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption token states and mask, trimmed to `length` tokens (the decoder's cache length)."""
+    out = clip.text_states(captions)
+    length = length or int(out["mask"].sum(1).max())
+    return out["states"][:, :length], out["mask"][:, :length]
+
+
+# ---------------------------------------------------------------------------------------------
+# The artifact
+
+
+def _stage_config(preset: Preset, clip: ClipModel, caption_only: bool) -> dict:
+    cfg = to_dict(preset.decoder)
+    cfg["caption_only"] = caption_only
+    return {"decoder": cfg, "world": to_dict(preset.world), "clip_fingerprint": _fingerprint(clip)}
+
+
+def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_only: bool = False,
+                  progress: bool = True, evaluate=None) -> TrainedDecoder:
+    """Train the decoder on the CLIP embedding cache of ShapesWorld's train split and save it.
+
+    `evaluate(trained) -> dict` (optional) adds metrics before the artifact is written.
+    """
+    import dataclasses
+    cfg = dataclasses.replace(preset.decoder, caption_only=caption_only)
+    out_dir = Path(out_dir)
+    cache_dir = out_dir.parent / "cache"
+    world = ShapesWorld("train", preset.world)
+    cache = embedding_cache(clip, world, cfg.n_train_images, cache_dir)
+    images = rendered(world, cfg.n_train_images, cache_dir)["images"]
+    stage_config = _stage_config(preset, clip, caption_only)
+    seed_everything(cfg.train.seed)
+    model = Decoder(cfg, clip.embed_dim, clip.width)  # NCHW: channels_last measured slower here
+    diffusion = make_diffusion(cfg)
+    train_metrics = train(model, decoder_loss(diffusion, cfg.min_snr_gamma), DecoderBatches(images, cache, cfg, cfg.train.seed),
+                          cfg.train, run_dir=out_dir, progress=progress,
+                          desc="decoder" + (" (caption only)" if caption_only else ""), run_config=stage_config)
+    trained = TrainedDecoder(model, cfg, device=cfg.train.device)
+    metrics = {"train": train_metrics, "n_params": sum(p.numel() for p in model.parameters())}
+    if evaluate is not None:
+        metrics.update(evaluate(trained))
+    ckpt.save_stage(out_dir, "decoder", model.state_dict(), stage_config, metrics,
+                    extra={"z_dim": clip.embed_dim, "text_width": clip.width, "text_length": int(cache["text_mask"].shape[1])})
+    clear_state(out_dir)
+    trained.metrics = ckpt.read_json(out_dir / ckpt.METRICS)
+    trained.text_length = int(cache["text_mask"].shape[1])
+    return trained
+
+
+def load_decoder(folder: str | Path, preset: Preset | None = None, clip: ClipModel | None = None,
+                 caption_only: bool = False) -> TrainedDecoder:
+    expected = _stage_config(preset, clip, caption_only) if preset is not None and clip is not None else None
+    state, meta, metrics = ckpt.load_stage(folder, "decoder", expected)
+    cfg = from_dict(DecoderConfig, meta["config"]["decoder"])
+    model = Decoder(cfg, meta["z_dim"], meta["text_width"])
+    model.load_state_dict(state)
+    trained = TrainedDecoder(model, cfg, device=cfg.train.device, metrics=metrics)
+    trained.text_length = meta["text_length"]
+    return trained
+
+
+def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, caption_only: bool = False,
+                   retrain: bool = False, progress: bool = True, evaluate=None) -> TrainedDecoder:
+    """Load the decoder (`decoder` or `decoder_caption_only`), training it if missing or stale."""
+    folder = Path(artifacts_dir) / ("decoder_caption_only" if caption_only else "decoder")
+    if ckpt.stage_exists(folder):
+        reason = "retrain=True"
+        if not retrain:
+            try:
+                return load_decoder(folder, preset, clip, caption_only)
+            except ckpt.ConfigMismatchError as err:
+                reason = "its config differs: " + "; ".join(err.differences)
+        print(f"decoder: moved the stored decoder to {ckpt.archive_stage(folder)} ({reason}); training a new one")
+    elif retrain:
+        clear_state(folder)
+    return train_decoder(preset, clip, folder, caption_only, progress, evaluate)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def decode_split(trained: TrainedDecoder, clip: ClipModel, data: dict, steps: int | None = None,
+                 guidance: float | None = None, eta: float | None = 0.0, seed: int = 0,
+                 z: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode a rendered split's own z_i (or the given `z`) with its captions; fixed noise per seed."""
+    z = clip.encode_images(data["images"]) if z is None else z
+    states, mask = texts_for(clip, data["captions"], trained.text_length)
+    noise = torch.randn(len(z), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+    return trained.sample(z, states, mask, steps=steps, guidance=guidance, eta=eta, noise=noise,
+                          generator=torch.Generator().manual_seed(seed + 1))
