@@ -37,7 +37,7 @@ from .data import dataset_key, rendered
 from .runtime import attention_backend, autocast, resolve_device, resolve_precision, seed_everything
 from .shapes import (BACKGROUNDS, COLOURS, PROMPT_ATTRIBUTES, SHAPES, SIZES, ShapesWorld, caption_codes,
                      match_matrix, partial_caption, scene_codes)
-from .train import clear_state, train
+from .train import clear_state, ensure_stage, train
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 OUR_MODELS = tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
@@ -266,16 +266,25 @@ def clip_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
 # Training data
 
 
+def _caption_ids(data: dict) -> dict | None:
+    """None for ShapesWorld data (captions match scenes by attributes); for a user's folder,
+    caption text -> id (only identical captions match)."""
+    if all("objects" in a for a in data["attributes"]):
+        return None
+    return {c: k for k, c in enumerate(sorted(set(data["captions"])))}
+
+
 def scene_keys(data: dict) -> np.ndarray:
     """Match codes for a dataset's scenes: ShapesWorld attributes where every entry has them,
-    otherwise the caption text itself (a user's folder: only identical captions match)."""
-    if all("objects" in a for a in data["attributes"]):
+    otherwise the caption text itself."""
+    ids = _caption_ids(data)
+    if ids is None:
         return scene_codes(data["attributes"])
-    ids = {c: k for k, c in enumerate(sorted(set(data["captions"])))}
     return np.array([[ids[c]] for c in data["captions"]], dtype=np.int64)
 
 
-def _caption_keys(captions: list[str], data: dict, ids: dict | None) -> np.ndarray:
+def _caption_keys(captions: list[str], ids: dict | None) -> np.ndarray:
+    """Match codes for captions, the counterpart of `scene_keys` (`ids` from `_caption_ids`)."""
     if ids is None:
         return caption_codes(captions)
     return np.array([[ids.get(c, -3)] for c in captions], dtype=np.int64)
@@ -294,11 +303,10 @@ class ClipBatches:
         self.images = resize_uint8(data["images"], clip.image_size)  # normalised per batch: 4x less memory
         self.captions = list(data["captions"])
         self.attributes = data["attributes"]
-        shapes_world = all("objects" in a for a in self.attributes)
-        self.ids = None if shapes_world else {c: k for k, c in enumerate(sorted(set(self.captions)))}
-        self.p_partial = p_partial if shapes_world else 0.0
+        self.ids = _caption_ids(data)
+        self.p_partial = p_partial if self.ids is None else 0.0  # partial captions need attributes
         self.scene = torch.from_numpy(scene_keys(data))
-        self.caption_key = torch.from_numpy(_caption_keys(self.captions, data, self.ids))
+        self.caption_key = torch.from_numpy(_caption_keys(self.captions, self.ids))
         self.one_object = torch.tensor([a.get("count", 1) == 1 for a in self.attributes])
         unique = sorted(set(self.captions))
         self._token_cache = dict(zip(unique, clip.tokenize(unique)))
@@ -387,10 +395,8 @@ def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, data: dict, k: in
     caption of the set) one that describes it? A hit is any attribute match, not just the
     caption's own image: "a red circle" has many right answers.
     """
-    scenes = scene_keys(data)
-    shapes_world = scenes.shape[1] > 1
-    ids = None if shapes_world else {c: i for i, c in enumerate(sorted(set(data["captions"])))}
-    match = torch.from_numpy(np.asarray(match_matrix(_caption_keys(data["captions"], data, ids), scenes)))
+    keys = _caption_keys(data["captions"], _caption_ids(data))
+    match = torch.from_numpy(np.asarray(match_matrix(keys, scene_keys(data))))
     sim = text_emb @ image_emb.T  # (captions, images)
     topk = sim.topk(min(k, sim.shape[1]), dim=1).indices
     t2i_1 = match.gather(1, topk[:, :1]).any(1).float().mean()
@@ -483,17 +489,8 @@ def ensure_clip(artifacts_dir: str | Path, preset: Preset, retrain: bool = False
     to `clip.stale-<time>` first; nothing saved is lost.
     """
     folder = Path(artifacts_dir) / "clip"
-    if ckpt.stage_exists(folder):
-        reason = "retrain=True"
-        if not retrain:
-            try:
-                return load_clip_stage(folder, preset)
-            except ckpt.ConfigMismatchError as err:
-                reason = "its config differs: " + "; ".join(err.differences)
-        print(f"clip: moved the stored CLIP to {ckpt.archive_stage(folder)} ({reason}); training a new one")
-    elif retrain:
-        clear_state(folder)
-    return train_clip(preset, folder, progress=progress)
+    return ensure_stage(folder, "CLIP", lambda: load_clip_stage(folder, preset),
+                        lambda: train_clip(preset, folder, progress=progress), retrain)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,9 +525,10 @@ def embedding_cache(clip: ClipModel, dataset, n: int | None = None, cache_dir: s
     weights' fingerprint, so a retrained CLIP never reads stale embeddings.
     """
     n = len(dataset) if n is None else min(n, len(dataset))
-    folder = None
+    folder, fingerprint = None, None
     if cache_dir is not None:
-        key = hashlib.sha1(json.dumps([dataset_key(dataset, n), _fingerprint(clip), states]).encode()).hexdigest()[:12]
+        fingerprint = _fingerprint(clip)
+        key = hashlib.sha1(json.dumps([dataset_key(dataset, n), fingerprint, states]).encode()).hexdigest()[:12]
         folder = Path(cache_dir) / f"clip-{getattr(dataset, 'split', 'folder')}-{key}"
         if (folder / "embeddings.safetensors").exists() and (folder / "samples.json").exists():
             tensors = ckpt.load_tensors(folder / "embeddings.safetensors")
@@ -552,7 +550,7 @@ def embedding_cache(clip: ClipModel, dataset, n: int | None = None, cache_dir: s
         ckpt.save_tensors(folder / "embeddings.safetensors",
                           {k: v for k, v in out.items() if isinstance(v, torch.Tensor)})
         ckpt.write_json(folder / "samples.json", {"captions": out["captions"], "attributes": out["attributes"],
-                                                  "clip": clip.name, "clip_fingerprint": _fingerprint(clip)})
+                                                  "clip": clip.name, "clip_fingerprint": fingerprint})
     return out
 
 
@@ -656,7 +654,8 @@ def description_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, data
     "image_image": an image and another image its caption also describes; "text_image": a
     caption and the images it describes. If z_t could stand in for z_i, the two would be close.
     """
-    match = torch.from_numpy(np.asarray(match_matrix(caption_codes(data["captions"]), scene_keys(data))))
+    keys = _caption_keys(data["captions"], _caption_ids(data))
+    match = torch.from_numpy(np.asarray(match_matrix(keys, scene_keys(data))))
     ii = image_emb @ image_emb.T
     other = match & ~torch.eye(len(match), dtype=torch.bool)
     ti = text_emb @ image_emb.T

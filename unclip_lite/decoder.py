@@ -14,6 +14,7 @@ Conditioning, as in the paper:
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from .data import rendered
 from .diffusion import GaussianDiffusion, guided
 from .runtime import autocast, resolve_device, resolve_precision, seed_everything
 from .shapes import ShapesWorld
-from .train import clear_state, train
+from .train import clear_state, ensure_stage, train
 from .unet import UNet
 
 IMAGE_SIZE = 32
@@ -183,7 +184,6 @@ def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_
 
     `evaluate(trained) -> dict` (optional) adds metrics before the artifact is written.
     """
-    import dataclasses
     cfg = dataclasses.replace(preset.decoder, caption_only=caption_only)
     out_dir = Path(out_dir)
     cache_dir = out_dir.parent / "cache"
@@ -225,17 +225,8 @@ def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, c
                    retrain: bool = False, progress: bool = True, evaluate=None) -> TrainedDecoder:
     """Load the decoder (`decoder` or `decoder_caption_only`), training it if missing or stale."""
     folder = Path(artifacts_dir) / ("decoder_caption_only" if caption_only else "decoder")
-    if ckpt.stage_exists(folder):
-        reason = "retrain=True"
-        if not retrain:
-            try:
-                return load_decoder(folder, preset, clip, caption_only)
-            except ckpt.ConfigMismatchError as err:
-                reason = "its config differs: " + "; ".join(err.differences)
-        print(f"decoder: moved the stored decoder to {ckpt.archive_stage(folder)} ({reason}); training a new one")
-    elif retrain:
-        clear_state(folder)
-    return train_decoder(preset, clip, folder, caption_only, progress, evaluate)
+    return ensure_stage(folder, "decoder", lambda: load_decoder(folder, preset, clip, caption_only),
+                        lambda: train_decoder(preset, clip, folder, caption_only, progress, evaluate), retrain)
 
 
 # ---------------------------------------------------------------------------------------------

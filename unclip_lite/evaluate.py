@@ -24,7 +24,7 @@ from .config import JudgeConfig, Preset, WorldConfig, from_dict, to_dict
 from .data import rendered
 from .runtime import autocast, resolve_device, resolve_precision, seed_everything
 from .shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, ShapesWorld
-from .train import clear_state, train
+from .train import clear_state, ensure_stage, train
 
 # Classification heads: name -> (vocabulary, where in the attributes to read it)
 HEADS = {
@@ -372,14 +372,5 @@ def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = Fals
     which fields differed. Use `load_judge` to load strictly.
     """
     folder = Path(artifacts_dir) / "judge"
-    if ckpt.stage_exists(folder):
-        reason = "retrain=True"
-        if not retrain:
-            try:
-                return load_judge(folder, preset)
-            except ckpt.ConfigMismatchError as err:
-                reason = "its config differs: " + "; ".join(err.differences)
-        print(f"judge: moved the stored judge to {ckpt.archive_stage(folder)} ({reason}); training a new one")
-    elif retrain:
-        clear_state(folder)  # an interrupted run's checkpoint would otherwise be resumed
-    return train_judge(preset, folder, progress=progress)
+    return ensure_stage(folder, "judge", lambda: load_judge(folder, preset),
+                        lambda: train_judge(preset, folder, progress=progress), retrain)
