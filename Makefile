@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/bench_precision.py
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_decoder.py
+	$(PY) benchmarks/bench_pipeline.py
 
 ## Regenerate the tiny example dataset in data/example/.
 example-data: install

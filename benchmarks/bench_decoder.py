@@ -34,18 +34,19 @@ import json, sys, time, torch
 from dalle2_pytorch import Unet
 B, S, Z, L, W, target_params = (int(v) for v in sys.argv[1:7])
 
-def make(dim):
+def make(dim, mults):
     torch.manual_seed(0)
-    return Unet(dim=dim, image_embed_dim=Z, text_embed_dim=W, cond_dim=W, channels=3, dim_mults=(1, 2, 2),
+    return Unet(dim=dim, image_embed_dim=Z, text_embed_dim=W, cond_dim=W, channels=3, dim_mults=mults,
                 cond_on_image_embeds=True, cond_on_text_encodings=True)
-sizes = {dim: sum(p.numel() for p in make(dim).parameters()) for dim in range(16, 49, 8)}  # GroupNorm(8)
-dim = min(sizes, key=lambda d: abs(sizes[d] - target_params))  # the size closest to ours
-unet = make(dim)
+shapes = [(dim, mults) for dim in range(8, 49, 8) for mults in ((1, 2), (1, 2, 2), (1, 2, 2, 2))]  # GroupNorm(8)
+sizes = {shape: sum(p.numel() for p in make(*shape).parameters()) for shape in shapes}
+dim, mults = min(sizes, key=lambda k: abs(sizes[k] - target_params))  # the size closest to ours
+unet = make(dim, mults)
 opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
 x, target = torch.randn(B, 3, S, S), torch.randn(B, 3, S, S)
 t = torch.randint(0, 1000, (B,))
 z, text = torch.randn(B, Z), torch.randn(B, L, W)
-out = {"params": sizes[dim], "dim": dim, "dim_mults": [1, 2, 2]}
+out = {"params": sizes[(dim, mults)], "dim": dim, "dim_mults": list(mults)}
 for precision in ("fp32", "bf16"):
     def step():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):

@@ -99,3 +99,22 @@ def test_batches_are_a_pure_function_of_the_step(smoke):
     assert a["x0"].shape == (8, 3, 32, 32) and a["x0"].min() >= -1 and a["x0"].max() <= 1
     with pytest.raises(ValueError, match="cached embeddings"):
         DecoderBatches(images[:10], cache, smoke.decoder, seed=0)
+
+
+def test_z_standardisation_uses_the_training_statistics():
+    model = Decoder(dataclasses.replace(CFG, z_norm="standard"), z_dim=16, text_width=24)
+    z = torch.randn(500, 16, generator=torch.Generator().manual_seed(0)) * 0.1 + 0.5
+    model.set_z_stats(z)
+    assert torch.allclose(model.z_mean, z.mean(0)) and torch.allclose(model.z_std, z.std(0))
+    assert {"z_mean", "z_std"} <= set(model.state_dict())  # stored with the weights
+    plain = Decoder(dataclasses.replace(CFG, z_norm="none"), z_dim=16, text_width=24)
+    plain.set_z_stats(z)
+    assert torch.equal(plain.z_mean, torch.zeros(16)) and torch.equal(plain.z_std, torch.ones(16))
+    with pytest.raises(ValueError, match="unknown z_norm 'whiten'"):
+        Decoder(dataclasses.replace(CFG, z_norm="whiten"), z_dim=16, text_width=24).set_z_stats(z)
+
+
+def test_sampler_comparison_covers_ddim_and_the_two_longest_ddpm_runs():
+    from unclip_lite.decoder import samplers_for
+    labels = [label for label, _, _ in samplers_for(dataclasses.replace(CFG, compare_steps=(50, 10, 250, 25)))]
+    assert labels == ["DDIM 10", "DDIM 25", "DDIM 50", "DDIM 250", "DDPM 50", "DDPM 250"]

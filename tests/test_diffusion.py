@@ -58,6 +58,8 @@ def test_respaced_schedules_agree_with_the_full_one():
         r = full.respaced(n)
         assert r.num_steps == n and r.timestep_map[0] == 0 and r.timestep_map[-1] == 999
         assert torch.allclose(r.alphas_cumprod, full.alphas_cumprod[r.timestep_map], rtol=1e-10)
+    one = full.respaced(1)  # a single step must start from pure noise, not from t = 0
+    assert one.num_steps == 1 and one.timestep_map.tolist() == [999]
     same = full.respaced(1000)
     assert torch.allclose(same.betas, full.betas) and torch.equal(same.timestep_map, full.timestep_map)
     with pytest.raises(ValueError, match="respace"):

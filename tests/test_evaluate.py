@@ -107,3 +107,22 @@ def test_attribute_accuracy_scores_only_named_attributes():
     assert "background" not in acc
     with pytest.raises(ValueError, match="2 images but 1"):
         attribute_accuracy(images, [parse_caption("red")], judge)
+
+
+def test_attribute_hits_score_only_what_each_entry_names():
+    from unclip_lite.evaluate import HEADS, accuracy_from_hits, attribute_hits
+
+    class StubJudge:  # reads every image as a small red circle on black, one object
+        def _run(self, images):
+            out = {h: torch.full((len(images), len(v)), -10.0) for h, v in HEADS.items()}
+            for h, value in {"shape": "circle", "colour": "red", "size": "small", "background": "black", "count": "1"}.items():
+                out[h][:, HEADS[h].index(value)] = 10.0
+            return out
+
+    wanted = [{"objects": [{"shape": "circle", "colour": "red"}]},  # right
+              {"objects": [{"colour": "blue"}]},  # wrong colour
+              {"objects": [{"shape": "circle"}], "background": "white"}]  # background wrong, not part of joint
+    hits = attribute_hits(torch.zeros(3, 3, 32, 32), wanted, StubJudge())
+    assert hits["joint"].tolist() == [True, False, True]
+    acc = accuracy_from_hits(hits)
+    assert acc["shape"] == 1.0 and acc["colour"] == 0.5 and acc["background"] == 0.0 and "size" not in acc

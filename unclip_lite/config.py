@@ -90,14 +90,15 @@ class ClipConfig:
 class DecoderConfig:
     """The decoder: a diffusion U-Net from z_i (and the caption) to a 32x32 image (decoder.py)."""
 
-    patch_size: int = 2  # space-to-depth factor: the U-Net runs at 32 / patch_size px (measured 2.7x faster)
-    base_channels: int = 48  # U-Net width at its top resolution
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # width multipliers at 32, 16 and 8 px
+    patch_size: int = 1  # space-to-depth factor: the U-Net runs at 32 / patch_size px (2 at width 48: faster steps, worse shapes per minute)
+    base_channels: int = 32  # U-Net width at its top resolution
+    channel_mults: tuple[int, ...] = (1, 2, 2, 2)  # width multipliers at 32, 16, 8 and 4 px
     blocks_per_level: int = 1  # ResBlocks per resolution on the way down (one more on the way up)
-    attention_levels: tuple[int, ...] = (1, 2)  # levels (0 = the top) with self + cross attention
+    attention_levels: tuple[int, ...] = (2, 3)  # levels (0 = the top) with self + cross attention: 8 and 4 px
     heads: int = 4  # attention heads
     context_dim: int = 128  # width of the context tokens (z_i tokens and projected caption states)
     n_z_tokens: int = 4  # z_i is projected into this many extra context tokens
+    z_norm: str = "standard"  # "standard": z_i standardised per dimension (train-set mean/std, stored with the model) | "none"
     dropout: float = 0.0  # dropout inside the ResBlocks
     caption_only: bool = False  # True: the GLIDE-like baseline, no z_i (set by ensure_decoder)
     p_drop_z: float = 0.1  # z_i is replaced by a learned null this often (for guidance)
@@ -108,10 +109,87 @@ class DecoderConfig:
     n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
     sample_steps: int = 50  # DDIM steps at sampling time (respaced from 1000)
     guidance_scale: float = 3.0  # classifier-free guidance scale at sampling time (1 = none)
-    n_eval: int = 500  # val scenes decoded for the metrics
-    train: TrainConfig = field(  # the training loop: at most 8 minutes on 2 cores at the course preset
-        default_factory=lambda: TrainConfig(steps=1400, batch_size=64, lr=2e-3, warmup_steps=100,
-                                            ema_decay=0.995, checkpoint_every=250)
+    n_eval: int = 256  # val (and held-out) scenes decoded for the metrics
+    compare_steps: tuple[int, ...] = (10, 25, 50, 250)  # DDIM step counts compared in the metrics (DDPM: the largest two)
+    n_compare: int = 64  # val scenes in that sampler comparison
+    train: TrainConfig = field(  # the training loop: about 6 minutes on 2 cores at the course preset (budget 8)
+        default_factory=lambda: TrainConfig(steps=2200, batch_size=32, lr=2e-3, warmup_steps=100,
+                                            ema_decay=0.995, checkpoint_every=500)
+    )
+
+
+@dataclass
+class UpsamplerConfig:
+    """The upsampler: a diffusion U-Net from a 32 px image to a 64 px one, no attention, no caption (upsampler.py)."""
+
+    patch_size: int = 2  # space-to-depth factor: the U-Net runs at 1/patch_size of the image's resolution
+    base_channels: int = 32  # U-Net width at its top resolution
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # width multipliers per level (at 64 px: 32, 16 and 8 px)
+    blocks_per_level: int = 1  # ResBlocks per resolution on the way down (one more on the way up)
+    dropout: float = 0.0  # dropout inside the ResBlocks
+    crop_size: int = 32  # training crops of the 64 px target (paper: 1/4; here 1/2 beat 1/4 by 1.6 dB PSNR at equal compute)
+    cond_upsample: str = "bicubic"  # "bicubic" | "nearest": how the 32 px condition is brought to 64 px (measured equal)
+    blur_sigma: float = 0.6  # training corruption of the 32 px condition: Gaussian blur (paper: kernel 3, sigma 0.6)
+    blur_kernel: int = 3  # ...its kernel size
+    p_blur: float = 0.5  # share of training conditions that are blurred
+    aug_max: float = 0.3  # noise augmentation: the level (noise std on [-1, 1] images) is drawn in [0, aug_max]
+    p_aug: float = 0.5  # share of training conditions that are noise-augmented (the rest get level 0)
+    aug_level: float = 0.0  # noise-augmentation level used at sampling time (the model is told it)
+    residual_scale: float | None = 5.0  # None: diffuse the image; a number: diffuse (image - bicubic input) * this (+8.6 dB measured)
+    objective: str = "v"  # "eps" | "x0" | "v": what the U-Net predicts
+    schedule: str = "cosine"  # noise schedule over 1000 steps
+    min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: plain MSE on the objective)
+    n_train_images: int = 40_000  # rendered train scenes at 64 px (the 32 px inputs are their downsamples)
+    sample_steps: int = 8  # DDIM steps at sampling time (respaced from 1000); 4 is best on clean inputs, 8 on blurred
+    n_eval: int = 256  # val scenes upsampled for the metrics
+    train: TrainConfig = field(  # the training loop: about 3.5 minutes on 2 cores at the course preset
+        default_factory=lambda: TrainConfig(steps=2200, batch_size=64, lr=2e-3, warmup_steps=100,
+                                            ema_decay=0.995, checkpoint_every=500)
+    )
+
+
+@dataclass
+class PriorConfig:
+    """The diffusion prior: a causal Transformer from a caption to a CLIP image embedding z_i (prior.py)."""
+
+    width: int = 128  # Transformer width
+    layers: int = 4  # Transformer blocks
+    heads: int = 4  # attention heads
+    normalisation: str = "per_dim"  # "per_dim": (z - mean) / std per dimension, stored with the model | "global": one scale
+    p_drop_text: float = 0.1  # the caption (tokens and z_t) is replaced by a learned null this often (for guidance)
+    schedule: str = "cosine"  # noise schedule over 1000 steps (the objective is "x0": the paper predicts z_i directly)
+    n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
+    sample_steps: int = 16  # DDIM steps at sampling time (respaced from 1000; the paper: 64)
+    guidance_scale: float = 2.0  # classifier-free guidance scale at sampling time (1 = none)
+    best_of: int = 2  # draw this many z_i per caption and keep the one with the highest z_i . z_t (the paper: 2)
+    n_eval: int = 500  # val and held-out captions sampled for the metrics
+    n_pool: int = 1_000  # val and held-out scenes each in the nearest-image pool
+    train: TrainConfig = field(  # the training loop: at most 3 minutes on 2 cores at the course preset
+        default_factory=lambda: TrainConfig(steps=1200, batch_size=256, lr=1e-3, warmup_steps=100,
+                                            weight_decay=0.06, betas=(0.9, 0.96), eps=1e-6,
+                                            ema_decay=0.995, checkpoint_every=500, log_every=20)
+    )
+
+
+@dataclass
+class ARPriorConfig:
+    """The autoregressive prior: a causal Transformer over quantised PCA coefficients of z_i (prior.py)."""
+
+    variance_kept: float = 0.99  # PCA keeps the fewest components explaining at least this share of z_i's variance
+    buckets: int = 32  # levels per PCA coefficient, uniform over its training range (the paper: 1024); see notebook 04
+    dot_buckets: int = 16  # quantisation levels of z_i . z_t, equal-mass over the training distribution
+    top_half: bool = True  # at sampling, draw the z_i . z_t token from the top half of its predicted distribution
+    width: int = 128  # Transformer width
+    layers: int = 4  # Transformer blocks
+    heads: int = 4  # attention heads
+    n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
+    best_of: int = 1  # draw this many z_i per caption and keep the highest z_i . z_t (the paper: none for AR)
+    n_eval: int = 500  # val and held-out captions sampled for the metrics
+    n_pool: int = 1_000  # val and held-out scenes each in the nearest-image pool
+    train: TrainConfig = field(  # the training loop: at most 3 minutes on 2 cores at the course preset
+        default_factory=lambda: TrainConfig(steps=900, batch_size=256, lr=1e-3, warmup_steps=50,
+                                            weight_decay=0.04, betas=(0.9, 0.91), eps=1e-8,
+                                            ema_decay=0.99, checkpoint_every=200, log_every=20)
     )
 
 
@@ -124,6 +202,9 @@ class Preset:
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # the ruler
     clip: ClipConfig = field(default_factory=ClipConfig)  # the latent space
     decoder: DecoderConfig = field(default_factory=DecoderConfig)  # z_i -> 32 px image
+    upsampler: UpsamplerConfig = field(default_factory=UpsamplerConfig)  # 32 px -> 64 px image
+    prior: PriorConfig = field(default_factory=PriorConfig)  # caption -> z_i (diffusion)
+    ar_prior: ARPriorConfig = field(default_factory=ARPriorConfig)  # caption -> z_i (autoregressive)
 
 
 def _smoke() -> Preset:
@@ -136,10 +217,21 @@ def _smoke() -> Preset:
         clip=ClipConfig(n_train_images=512, n_eval=128,
                         train=TrainConfig(steps=12, batch_size=32, lr=2e-3, warmup_steps=2, ema_decay=0.9,
                                           checkpoint_every=6, log_every=3)),
-        decoder=DecoderConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(1,), context_dim=32,
-                              n_train_images=512, sample_steps=5, n_eval=16,
+        decoder=DecoderConfig(patch_size=2, base_channels=16, channel_mults=(1, 2), attention_levels=(1,), context_dim=32,
+                              n_train_images=512, sample_steps=5, n_eval=16, compare_steps=(2, 5), n_compare=8,
                               train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
                                                 checkpoint_every=3, log_every=2)),
+        upsampler=UpsamplerConfig(base_channels=16, channel_mults=(1, 2), crop_size=16, n_train_images=256,
+                                  sample_steps=3, n_eval=8,
+                                  train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
+                                                    checkpoint_every=3, log_every=2)),
+
+        prior=PriorConfig(width=32, layers=2, heads=2, n_train_images=512, sample_steps=4, n_eval=32, n_pool=64,
+                          train=TrainConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.9,
+                                            checkpoint_every=4, log_every=2)),
+        ar_prior=ARPriorConfig(buckets=16, dot_buckets=4, width=32, layers=2, heads=2, n_train_images=512, n_eval=32,
+                               n_pool=64, train=TrainConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=2,
+                                                            ema_decay=0.9, checkpoint_every=4, log_every=2)),
     )
 
 
@@ -155,6 +247,23 @@ def _gpu() -> Preset:
                         train=TrainConfig(steps=4000, batch_size=512, lr=2e-3, warmup_steps=200,
                                           weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, ema_decay=0.995,
                                           checkpoint_every=1000)),
+        decoder=DecoderConfig(base_channels=96, channel_mults=(1, 2, 2, 2), blocks_per_level=2, context_dim=256,
+                              n_train_images=100_000, n_eval=1_000, n_compare=500,
+                              train=TrainConfig(steps=30_000, batch_size=128, lr=5e-4, warmup_steps=1000,
+                                                ema_decay=0.9995, checkpoint_every=2000)),
+        upsampler=UpsamplerConfig(base_channels=64, channel_mults=(1, 2, 2, 4), blocks_per_level=2, crop_size=32,
+                                  n_train_images=100_000, n_eval=1_000,
+                                  train=TrainConfig(steps=20_000, batch_size=128, lr=1e-3, warmup_steps=500,
+                                                    ema_decay=0.999, checkpoint_every=2000)),
+
+        prior=PriorConfig(width=512, layers=12, heads=8, n_train_images=100_000, sample_steps=64, n_eval=2_000,
+                          n_pool=2_000, train=TrainConfig(steps=20_000, batch_size=1024, lr=3e-4, warmup_steps=500,
+                                                          weight_decay=0.06, betas=(0.9, 0.96), eps=1e-6,
+                                                          ema_decay=0.999, checkpoint_every=2000)),
+        ar_prior=ARPriorConfig(buckets=256, width=512, layers=12, heads=8, n_train_images=100_000, n_eval=2_000,
+                               n_pool=2_000, train=TrainConfig(steps=20_000, batch_size=1024, lr=3e-4,
+                                                               warmup_steps=500, weight_decay=0.04, betas=(0.9, 0.91),
+                                                               ema_decay=0.999, checkpoint_every=2000)),
     )
 
 

@@ -81,7 +81,8 @@ class GaussianDiffusion:
         """
         if not 1 <= steps <= self.num_steps:
             raise ValueError(f"cannot respace {self.num_steps} steps to {steps}")
-        keep = torch.linspace(0, self.num_steps - 1, steps).round().long().unique()
+        # from the last step down, so that even one step starts at pure noise (t = T - 1)
+        keep = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique()
         abar = self.alphas_cumprod[keep]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         return GaussianDiffusion(1 - abar / prev, self.objective, self.timestep_map[keep], self.clip_x0)

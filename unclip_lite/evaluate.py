@@ -242,25 +242,37 @@ class TrainedJudge:
         return attribute_accuracy(images, attributes, self)
 
 
+def attribute_hits(images: torch.Tensor, attributes: list[dict], judge: TrainedJudge) -> dict[str, torch.Tensor]:
+    """Per image and head: {head: (N,) bool right, head + "_named": (N,) bool scored}, and "joint":
+    (N,) bool, every named shape, colour and size (of either object) right at once."""
+    if len(images) != len(attributes):
+        raise ValueError(f"{len(images)} images but {len(attributes)} attribute dicts")
+    out = judge._run(images)
+    labels = encode_labels(attributes)
+    hits, joint = {}, torch.ones(len(images), dtype=torch.bool)
+    for h in HEADS:
+        named = labels[h] != IGNORE
+        right = out[h].argmax(-1) == labels[h]
+        hits[h], hits[h + "_named"] = right, named
+        if h not in ("background", "count"):
+            joint &= right | ~named
+    hits["joint"] = joint
+    return hits
+
+
 def attribute_accuracy(images: torch.Tensor, attributes: list[dict], judge: TrainedJudge) -> dict[str, float]:
     """Judge accuracy per attribute; `attributes` may be full scenes or parsed captions.
 
     Attributes an entry does not name are not scored for it. "joint" counts an image right when
     every named shape, colour and size (of either object) is right at once.
     """
-    if len(images) != len(attributes):
-        raise ValueError(f"{len(images)} images but {len(attributes)} attribute dicts")
-    out = judge._run(images)
-    labels = encode_labels(attributes)
-    result, joint = {}, torch.ones(len(images), dtype=torch.bool)
-    for h in HEADS:
-        named = labels[h] != IGNORE
-        right = out[h].argmax(-1) == labels[h]
-        if named.any():
-            result[h] = float(right[named].float().mean())
-        if h not in ("background", "count"):
-            joint &= right | ~named
-    result["joint"] = float(joint.float().mean())
+    return accuracy_from_hits(attribute_hits(images, attributes, judge))
+
+
+def accuracy_from_hits(hits: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`attribute_hits` -> accuracy per head (over the images that name it) and "joint"."""
+    result = {h: float(hits[h][hits[h + "_named"]].float().mean()) for h in HEADS if hits[h + "_named"].any()}
+    result["joint"] = float(hits["joint"].float().mean())
     return result
 
 
@@ -374,3 +386,25 @@ def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = Fals
     folder = Path(artifacts_dir) / "judge"
     return ensure_stage(folder, "judge", lambda: load_judge(folder, preset),
                         lambda: train_judge(preset, folder, progress=progress), retrain)
+
+
+# ---------------------------------------------------------------------------------------------
+# Uncertainty
+
+
+def bootstrap_ci(values, stat=np.mean, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """(statistic, low, high): a percentile bootstrap interval of `stat` over per-sample `values`.
+
+    `values` is (N,) (hits as 0/1, cosines, ...) or (N, K) rows resampled together. For a paired
+    comparison of two methods on the same samples, pass the per-sample differences: the interval
+    of the mean difference excludes 0 only when the data support a difference.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    boots = np.array([stat(x[i]) for i in idx])
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(boots, [tail, 100 - tail])
+    return float(stat(x)), float(low), float(high)

@@ -92,13 +92,15 @@ class UNet(nn.Module):
     -> (B, out_channels, S, S).
 
     `channel_mults` sets the width at each resolution (S, S/2, ...); `attention_levels` lists the
-    levels (0 = full resolution) that get attention blocks.
+    levels (0 = full resolution) that get attention blocks, and `mid_attention` whether the middle
+    block has one. With `attention_levels=()` and `mid_attention=False` the network is purely
+    convolutional (the upsampler: trained on crops, run on full images).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, base_channels: int = 64,
                  channel_mults: tuple[int, ...] = (1, 2, 2), blocks_per_level: int = 2,
                  attention_levels: tuple[int, ...] = (2,), heads: int = 4, context_dim: int | None = None,
-                 dropout: float = 0.0, patch_size: int = 1):
+                 dropout: float = 0.0, patch_size: int = 1, mid_attention: bool = True):
         super().__init__()
         self.base = base_channels
         self.patch = patch_size
@@ -119,8 +121,8 @@ class UNet(nn.Module):
             if level < len(channel_mults) - 1:
                 self.down.append(nn.ModuleList([nn.Conv2d(ch, ch, 3, stride=2, padding=1)]))
                 chans.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), AttentionBlock(ch, heads, context_dim),
-                                  ResBlock(ch, ch, emb_dim, dropout)])
+        mid_attn = [AttentionBlock(ch, heads, context_dim)] if mid_attention else []
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, dropout), *mid_attn, ResBlock(ch, ch, emb_dim, dropout)])
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(channel_mults))):
             for i in range(blocks_per_level + 1):

@@ -1,0 +1,88 @@
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from unclip_lite import manipulate
+from unclip_lite.clip import ensure_clip
+from unclip_lite.config import get_preset
+from unclip_lite.decoder import ensure_decoder
+from unclip_lite.pipeline import PipelineError, UnCLIP
+from unclip_lite.prior import ensure_prior
+from unclip_lite.upsampler import ensure_upsampler
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    """Every stage at the smoke preset (seconds), in one artifacts folder."""
+    folder = tmp_path_factory.mktemp("artifacts")
+    smoke = get_preset("smoke")
+    clip = ensure_clip(folder, smoke, progress=False)
+    ensure_decoder(folder, smoke, clip, progress=False, evaluate=None)
+    for kind in ("diffusion", "ar"):
+        ensure_prior(folder, smoke, clip, kind=kind, progress=False)
+    ensure_upsampler(folder, smoke, progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def pipe(artifacts):
+    return UnCLIP.from_artifacts(artifacts)
+
+
+def test_generate_is_64px_and_the_same_for_the_same_seed(pipe):
+    caps = ["a red circle", "a big blue star on a striped background", "a green square"]
+    a = pipe.generate(caps, seed=3, steps=3, progress=False, batch_size=2)
+    assert a.shape == (3, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    assert torch.equal(a, pipe.generate(caps, seed=3, steps=3, progress=False, batch_size=2))
+    assert not torch.equal(a, pipe.generate(caps, seed=4, steps=3, progress=False, batch_size=2))
+    assert torch.equal(a, pipe.generate(caps, seed=3, steps=3, progress=False, batch_size=1))  # batching: same images
+    out = pipe.generate(caps[:1], prior="ar", steps=3, progress=False, upsample=False, return_intermediates=True)
+    assert out["x32"].shape == (1, 3, 32, 32) and out["x64"] is None and out["z_i"].shape == (1, pipe.clip.embed_dim)
+
+
+def test_bad_inputs_get_clear_errors(pipe):
+    with pytest.raises(PipelineError, match="no captions"):
+        pipe.generate([], progress=False)
+    with pytest.raises(PipelineError, match="caption 1 is empty"):
+        pipe.generate(["a red circle", "  "], progress=False)
+    with pytest.raises(PipelineError, match="longer than CLIP's context of 24 tokens"):
+        pipe.generate(["a red circle " * 12], progress=False)
+    with pytest.raises(PipelineError, match="prior 'gan' is not loaded"):
+        pipe.generate(["a red circle"], prior="gan", progress=False)
+
+
+def test_missing_stage_and_mismatched_clip_are_named(artifacts, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(artifacts, partial, ignore=shutil.ignore_patterns("cache"))
+    shutil.rmtree(partial / "upsampler")
+    with pytest.raises(PipelineError, match=r"missing stage folder\(s\) \['upsampler'\]"):
+        UnCLIP.from_artifacts(partial)
+    assert UnCLIP.from_artifacts(partial, upsampler=False).upsampler is None
+    # a CLIP retrained with another config: the decoder and priors no longer fit
+    smoke = get_preset("smoke")
+    other = ensure_clip(tmp_path / "other", dataclasses.replace(
+        smoke, clip=dataclasses.replace(smoke.clip, p_partial_caption=0.0)), progress=False)
+    shutil.rmtree(partial / "clip")
+    shutil.copytree(other.folder, partial / "clip")
+    with pytest.raises(PipelineError, match="decoder was trained against another CLIP"):
+        UnCLIP.from_artifacts(partial, upsampler=False)
+
+
+def test_manipulations_shapes_and_determinism(pipe):
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    z, x_t = manipulate.invert(pipe, images, steps=3)
+    assert z.shape == (2, pipe.clip.embed_dim) and x_t.shape == (2, 3, 32, 32)
+    again = manipulate.decode_latents(pipe, z, x_t, steps=3)
+    assert torch.equal(again, manipulate.decode_latents(pipe, z, x_t, steps=3))  # eta = 0: deterministic
+    var = manipulate.variations(pipe, images[0], n=3, eta=1.0, steps=3, latents=(z[:1], x_t[:1]))
+    assert var.shape == (3, 3, 32, 32) and not torch.equal(var[0], var[1])  # eta > 0: each its own noise
+    path = manipulate.interpolate(pipe, z[0], z[1], [0.0, 0.5, 1.0], mode="inverted", x_t_a=x_t[0], x_t_b=x_t[1], steps=3)
+    assert torch.allclose(path[0], again[0], atol=1e-5)  # theta = 0 is image a's own latents
+    with pytest.raises(ValueError, match="needs both inverted latents"):
+        manipulate.interpolate(pipe, z[0], z[1], [0.5], mode="inverted")
+    edits = manipulate.text_diff(pipe, z[0], x_t[0], "a red circle", "a blue circle", [0.0, 0.3], steps=3, upsample=True)
+    assert edits.shape == (2, 3, 64, 64)
+    own = manipulate.decode_latents(pipe, z[:1], x_t[:1], steps=3, upsample=True)
+    assert torch.allclose(edits[:1], own, atol=1e-5)  # theta = 0: the image's own latents

@@ -1,0 +1,198 @@
+"""`UnCLIP`: the whole cascade, caption -> prior -> decoder -> upsampler (paper §2, Fig. 2).
+
+    pipe = UnCLIP.from_artifacts("build/artifacts")
+    images = pipe.generate(["a large red circle on a striped background"], seed=0)   # (N, 3, 64, 64)
+
+Each stage is loaded from its own artifact folder. Stages that read CLIP embeddings (priors,
+decoder) store the fingerprint of the CLIP weights they were trained on; `from_artifacts`
+refuses a set of stages that do not agree, naming the stage, instead of producing quiet noise.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import diff as config_diff
+from .clip import ClipModel, _fingerprint, load_clip_stage
+from .decoder import IMAGE_SIZE, TrainedDecoder, load_decoder, texts_for
+
+PRIOR_KINDS = ("diffusion", "ar")
+
+
+class PipelineError(ValueError):
+    """Bad input to the pipeline, or stages that do not fit together."""
+
+
+STREAMS = {"prior": 0, "decoder": 1, "upsampler": 2}  # one random stream per stage and seed
+
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of `stage`'s random stream for a user seed: distinct stages never share noise."""
+    return int(np.random.SeedSequence([seed, STREAMS[stage]]).generate_state(1)[0])
+
+
+class UnCLIP:
+    """Text -> z_i (a prior) -> 32 px (the decoder) -> 64 px (the upsampler).
+
+    `priors` maps "diffusion" / "ar" to trained priors (either may be missing); `upsampler` may
+    be None, in which case `generate` returns 32 px images.
+    """
+
+    def __init__(self, clip: ClipModel, decoder: TrainedDecoder, priors: dict, upsampler=None,
+                 folder: Path | None = None):
+        if not priors:
+            raise PipelineError("UnCLIP needs at least one prior ('diffusion' or 'ar')")
+        self.clip, self.decoder, self.priors, self.upsampler, self.folder = clip, decoder, priors, upsampler, folder
+
+    # -- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_artifacts(cls, folder: str | Path, priors: tuple[str, ...] = PRIOR_KINDS,
+                       upsampler: bool = True) -> "UnCLIP":
+        """Load CLIP, the decoder, the priors and the upsampler from one artifacts folder.
+
+        Raises PipelineError naming the stage when a stage folder is missing, or when a stage was
+        trained against another CLIP than the one in `folder/clip`.
+        """
+        from .prior import load_prior
+        from .upsampler import load_upsampler
+
+        folder = Path(folder)
+        wanted = ["clip", "decoder"] + [f"prior_{k}" for k in priors] + (["upsampler"] if upsampler else [])
+        missing = [name for name in wanted if not ckpt.stage_exists(folder / name)]
+        if missing:
+            raise PipelineError(
+                f"{folder}: missing stage folder(s) {missing} (each needs model.safetensors, config.json and "
+                f"metrics.json). Run the notebooks up to 05, or `python -m unclip_lite course --artifacts {folder}`.")
+        clip = load_clip_stage(folder / "clip")
+        fingerprint = _fingerprint(clip)
+        world = ckpt.read_json(folder / "clip" / ckpt.CONFIG)["config"]["world"]
+        for name in wanted[1:]:
+            stored = ckpt.read_json(folder / name / ckpt.CONFIG)["config"]
+            if name != "upsampler" and stored.get("clip_fingerprint") != fingerprint:
+                raise PipelineError(
+                    f"{folder / name} was trained against another CLIP (fingerprint {stored.get('clip_fingerprint')}) "
+                    f"than {folder / 'clip'} ({fingerprint}); retrain {name}, or load it with its own CLIP.")
+            if stored.get("world") is not None and stored["world"] != world:
+                differences = "; ".join(config_diff(stored["world"], world))
+                raise PipelineError(f"{folder / name} was trained on another world than {folder / 'clip'} "
+                                    f"({name} != clip: {differences}); retrain {name}.")
+        decoder = load_decoder(folder / "decoder")
+        trained_priors = {k: load_prior(folder / f"prior_{k}", clip=clip, kind=k) for k in priors}
+        up = load_upsampler(folder / "upsampler") if upsampler else None
+        return cls(clip, decoder, trained_priors, up, folder)
+
+    # -- input checks --------------------------------------------------------------------------
+    def check_captions(self, captions) -> list[str]:
+        """A non-empty list of non-empty captions that fit CLIP's context, or a PipelineError."""
+        if isinstance(captions, str):
+            captions = [captions]
+        captions = list(captions)
+        if not captions:
+            raise PipelineError("no captions given: pass a non-empty list of strings")
+        for i, c in enumerate(captions):
+            if not isinstance(c, str) or not c.strip():
+                raise PipelineError(f"caption {i} is empty or not a string: {c!r}")
+        tokens = self.clip.tokenize(captions)
+        lengths = [len(self.clip.tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
+        for i, n in enumerate(lengths):
+            if n > tokens.shape[1]:
+                raise PipelineError(f"caption {i} is {n} tokens long, longer than CLIP's context of {tokens.shape[1]} "
+                                    f"tokens: {captions[i]!r}")
+            for kind, prior in self.priors.items():
+                if n > prior.text_length:
+                    raise PipelineError(f"caption {i} is {n} tokens long, longer than the longest caption the {kind} prior "
+                                        f"was trained on ({prior.text_length} tokens): {captions[i]!r}")
+        return captions
+
+    def caption_states(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's caption input: CLIP token states and mask, at least the decoder's cache
+        length (so batches are padded alike) and never cutting a caption short."""
+        states, mask = texts_for(self.clip, captions, self.clip.context_length)
+        length = max(self.decoder.text_length, int(mask.sum(1).max()))
+        return states[:, :length], mask[:, :length]
+
+    # -- generation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, captions, prior: str = "diffusion", prior_guidance: float | None = None,
+                 decoder_guidance: float | None = None, steps: int | None = None, seed: int = 0,
+                 upsample: bool = True, batch_size: int = 16, progress: bool = True,
+                 return_intermediates: bool = False):
+        """Images for captions: (N, 3, 64, 64) in [-1, 1] (32 px without the upsampler).
+
+        `prior` picks the prior; `prior_guidance` and `decoder_guidance` are the two guidance
+        scales (None: each stage's default); `steps` the decoder's DDIM steps. The same seed gives
+        the same images. With `return_intermediates`, returns a dict with "z_i", "x32" and "x64".
+        """
+        captions = self.check_captions(captions)
+        if prior not in self.priors:
+            raise PipelineError(f"prior {prior!r} is not loaded; loaded: {sorted(self.priors)}")
+        z = self.priors[prior].sample(captions, guidance=prior_guidance, seed=stage_seed(seed, "prior"))  # (N, D)
+        return self.decode(z, captions, decoder_guidance=decoder_guidance, steps=steps, seed=seed, upsample=upsample,
+                           batch_size=batch_size, progress=progress, return_intermediates=return_intermediates)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, captions: list[str], decoder_guidance: float | None = None,
+               steps: int | None = None, seed: int = 0, upsample: bool = True, batch_size: int = 16,
+               progress: bool = True, noise: torch.Tensor | None = None, eta: float = 0.0,
+               return_intermediates: bool = False):
+        """Decode given z_i (N, D) with their captions, then upsample; noise is drawn per seed."""
+        n = len(z)
+        states, mask = self.caption_states(captions)
+        if noise is None:
+            noise = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(stage_seed(seed, "decoder")))
+        x32 = []
+        bar = tqdm(total=n, desc="unCLIP", disable=not progress, leave=False)
+        for i in range(0, n, batch_size):
+            sl = slice(i, i + batch_size)  # eta > 0 draws fresh noise per batch, so batch_size matters there
+            g = torch.Generator().manual_seed(stage_seed(seed, "decoder") + i)
+            x32.append(self.decoder.sample(z[sl], states[sl], mask[sl], steps=steps, guidance=decoder_guidance,
+                                           noise=noise[sl], eta=eta, generator=g))
+            bar.update(len(x32[-1]))
+        bar.close()
+        x32 = torch.cat(x32)
+        x64 = None
+        if upsample and self.upsampler is not None:  # noise drawn per image inside: batch-independent
+            x64 = self.upsampler.upsample(x32, seed=stage_seed(seed, "upsampler"), batch_size=batch_size)
+        out = {"z_i": z, "x32": x32, "x64": x64}
+        if return_intermediates:
+            return out
+        return out["x64"] if out["x64"] is not None else out["x32"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading or training every stage, and measuring the whole cascade
+
+
+def ensure_pipeline(artifacts_dir: str | Path, preset, progress: bool = True) -> UnCLIP:
+    """Every stage from `artifacts_dir`, each trained first if missing (in course order), then
+    loaded through `UnCLIP.from_artifacts`, which checks that they fit together."""
+    from .clip import ensure_clip
+    from .decoder import ensure_decoder
+    from .prior import ensure_prior
+    from .upsampler import ensure_upsampler
+
+    clip = ensure_clip(artifacts_dir, preset, progress=progress)
+    ensure_decoder(artifacts_dir, preset, clip, progress=progress)
+    for kind in PRIOR_KINDS:
+        ensure_prior(artifacts_dir, preset, clip, kind=kind, progress=progress)
+    ensure_upsampler(artifacts_dir, preset, progress=progress)
+    return UnCLIP.from_artifacts(artifacts_dir)
+
+
+def evaluate_pipeline(pipe: UnCLIP, judge, captions: list[str], prior: str = "diffusion", seed: int = 0,
+                      progress: bool = False, **generate_kwargs) -> dict:
+    """Generate one image per caption and let the judge read it against what the caption names.
+
+    Returns {"accuracy": per-attribute accuracy and "joint" (every named shape, colour and size
+    right at once), "joint_hits": per-caption 0/1 (for bootstrap intervals), "images": (N, 3, H, W)}.
+    """
+    from .evaluate import accuracy_from_hits, attribute_hits
+    from .shapes import parse_caption
+
+    images = pipe.generate(captions, prior=prior, seed=seed, progress=progress, **generate_kwargs)
+    hits = attribute_hits(images, [parse_caption(c) for c in captions], judge)
+    return {"accuracy": accuracy_from_hits(hits), "joint_hits": hits["joint"].float(), "images": images}
