@@ -26,7 +26,7 @@ from .clip import ClipModel, _fingerprint, embedding_cache, resize_uint8
 from .config import DecoderConfig, Preset, from_dict, to_dict
 from .data import rendered
 from .diffusion import GaussianDiffusion, guided
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything
+from .runtime import TrainedModel, autocast, seed_everything
 from .shapes import ShapesWorld
 from .train import clear_state, ensure_stage, train
 from .unet import UNet
@@ -129,17 +129,14 @@ def decoder_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = Non
 # Sampling
 
 
-class TrainedDecoder:
+class TrainedDecoder(TrainedModel):
     """A trained decoder with its diffusion, for sampling."""
 
     def __init__(self, model: Decoder, cfg: DecoderConfig, device: str = "auto", precision: str = "auto",
                  metrics: dict | None = None):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
+        super().__init__(model, device, precision, metrics)
         self.cfg = cfg
         self.diffusion = make_diffusion(cfg)
-        self.metrics = metrics or {}
 
     def model_fn(self, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, guidance: float):
         """fn(x_t, t) for the sampler: guided, bf16 where enabled, output in float32."""

@@ -22,8 +22,8 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import JudgeConfig, Preset, WorldConfig, from_dict, to_dict
 from .data import rendered
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything
-from .shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, ShapesWorld
+from .runtime import TrainedModel, autocast, seed_everything
+from .shapes import BACKGROUNDS, COLOURS, SHAPES, SIZES, ShapesWorld, parse_caption
 from .train import clear_state, ensure_stage, train
 
 # Classification heads: name -> (vocabulary, where in the attributes to read it)
@@ -198,14 +198,11 @@ def judge_loss(model: Judge, batch: dict) -> tuple[torch.Tensor, dict]:
 # Using a trained judge
 
 
-class TrainedJudge:
+class TrainedJudge(TrainedModel):
     """A trained judge with the measuring functions later stages use."""
 
     def __init__(self, model: Judge, metrics: dict | None = None, device: str = "auto", precision: str = "auto"):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
-        self.metrics = metrics or {}
+        super().__init__(model, device, precision, metrics)
 
     @torch.no_grad()
     def _run(self, images: torch.Tensor, batch_size: int = 256) -> dict[str, torch.Tensor]:
@@ -258,6 +255,12 @@ def attribute_hits(images: torch.Tensor, attributes: list[dict], judge: TrainedJ
             joint &= right | ~named
     hits["joint"] = joint
     return hits
+
+
+def caption_hits(images: torch.Tensor, captions: list[str], judge: TrainedJudge) -> dict[str, torch.Tensor]:
+    """`attribute_hits` against what each caption names (`shapes.parse_caption`): "joint" is (N,)
+    bool, every shape, colour and size the caption names (both objects) read right."""
+    return attribute_hits(images, [parse_caption(c) for c in captions], judge)
 
 
 def attribute_accuracy(images: torch.Tensor, attributes: list[dict], judge: TrainedJudge) -> dict[str, float]:

@@ -96,11 +96,11 @@ class UnCLIP:
         for i, c in enumerate(captions):
             if not isinstance(c, str) or not c.strip():
                 raise PipelineError(f"caption {i} is empty or not a string: {c!r}")
-        tokens = self.clip.tokenize(captions)
+        context = self.clip.context_length
         lengths = [len(self.clip.tokenizer.encode(c)) + 2 for c in captions]  # + start and end tokens
         for i, n in enumerate(lengths):
-            if n > tokens.shape[1]:
-                raise PipelineError(f"caption {i} is {n} tokens long, longer than CLIP's context of {tokens.shape[1]} "
+            if n > context:
+                raise PipelineError(f"caption {i} is {n} tokens long, longer than CLIP's context of {context} "
                                     f"tokens: {captions[i]!r}")
             for kind, prior in self.priors.items():
                 if n > prior.text_length:
@@ -190,9 +190,8 @@ def evaluate_pipeline(pipe: UnCLIP, judge, captions: list[str], prior: str = "di
     Returns {"accuracy": per-attribute accuracy and "joint" (every named shape, colour and size
     right at once), "joint_hits": per-caption 0/1 (for bootstrap intervals), "images": (N, 3, H, W)}.
     """
-    from .evaluate import accuracy_from_hits, attribute_hits
-    from .shapes import parse_caption
+    from .evaluate import accuracy_from_hits, caption_hits
 
     images = pipe.generate(captions, prior=prior, seed=seed, progress=progress, **generate_kwargs)
-    hits = attribute_hits(images, [parse_caption(c) for c in captions], judge)
+    hits = caption_hits(images, captions, judge)
     return {"accuracy": accuracy_from_hits(hits), "joint_hits": hits["joint"].float(), "images": images}

@@ -31,8 +31,6 @@ caption match. Sampling uses a key/value cache: one token costs one position's f
 from __future__ import annotations
 
 import contextlib
-
-import math
 import time
 from pathlib import Path
 
@@ -46,10 +44,10 @@ from .clip import ClipModel, _fingerprint, embedding_cache
 from .config import ARPriorConfig, Preset, PriorConfig, from_dict, to_dict
 from .data import rendered
 from .diffusion import GaussianDiffusion, guided
-from .runtime import attention_backend, autocast, resolve_device, resolve_precision, seed_everything
-from .shapes import ShapesWorld, caption_codes, match_matrix, parse_caption, scene_codes
-from .unet import timestep_embedding  # the same sinusoidal embedding as the U-Net
+from .runtime import TrainedModel, attention_backend, autocast, seed_everything
+from .shapes import ShapesWorld, caption_codes, match_matrix, scene_codes
 from .train import clear_state, ensure_stage, train
+from .unet import timestep_embedding  # the same sinusoidal embedding as the U-Net
 
 KINDS = ("diffusion", "ar")
 
@@ -370,7 +368,7 @@ def top_half(probs: torch.Tensor) -> torch.Tensor:
 # Sampling
 
 
-class TrainedPrior:
+class TrainedPrior(TrainedModel):
     """A trained prior (either kind) with the CLIP model it reads captions with.
 
     `sample(captions)` returns unit-norm z_i (N, D), deterministic for a seed.
@@ -378,12 +376,9 @@ class TrainedPrior:
 
     def __init__(self, model: nn.Module, kind: str, clip: ClipModel | None, text_length: int,
                  device: str = "auto", precision: str = "auto", metrics: dict | None = None):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
+        super().__init__(model, device, precision, metrics)
         self.kind, self.clip, self.text_length = kind, clip, text_length
         self.cfg = model.cfg
-        self.metrics = metrics or {}
         if kind == "diffusion":
             self.diffusion = make_diffusion(self.cfg)
 
@@ -391,14 +386,8 @@ class TrainedPrior:
         """(z_t (N, D), token states (N, L, width), mask (N, L)) at the prior's caption length."""
         if self.clip is None:
             raise RuntimeError("this prior was loaded without its CLIP model; pass clip= to load_prior")
-        out = self.clip.text_states(list(captions))
-        length = self.text_length
-        states, mask = out["states"][:, :length], out["mask"][:, :length]
-        if states.shape[1] < length:  # shorter than the training captions: pad
-            pad = length - states.shape[1]
-            states = F.pad(states, (0, 0, 0, pad))
-            mask = F.pad(mask, (0, pad), value=False)
-        return out["embedding"], states, mask
+        out = self.clip.text_states(list(captions))  # states at CLIP's full context length
+        return out["embedding"], out["states"][:, :self.text_length], out["mask"][:, :self.text_length]
 
     def sample(self, captions: list[str], guidance: float | None = None, steps: int | None = None,
                seed: int = 0, best_of: int | None = None, batch_size: int = 512) -> torch.Tensor:
@@ -532,13 +521,6 @@ def eval_pool(clip: ClipModel, preset: Preset, n_pool: int, cache_dir: Path | No
     out["z"] = torch.cat([out["val"]["image_emb"], out["heldout"]["image_emb"]])
     out["attributes"] = out["val"]["attributes"] + out["heldout"]["attributes"]
     return out
-
-
-def judge_hits(judge, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
-    """(N,) bool: does the judge read every shape, colour and size each caption names (both
-    objects, in canonical order) off the image? The per-image form of the judge's "joint"."""
-    from .evaluate import attribute_hits
-    return attribute_hits(images, [parse_caption(c) for c in captions], judge)["joint"]
 
 
 def _round(values: torch.Tensor, digits: int = 4) -> list:
@@ -717,10 +699,12 @@ def summary_rows(priors: dict[str, dict], digits: int = 3) -> list[dict]:
 def decode_and_judge(decoder, clip: ClipModel, judge, captions: list[str], z: torch.Tensor,
                      steps: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode z_i (N, D) with their captions (fixed noise per seed) and let the judge read the
-    images: (images (N, 3, 32, 32) in [-1, 1], hits (N,) bool, see `judge_hits`)."""
+    images: (images (N, 3, 32, 32) in [-1, 1], hits (N,) bool: every shape, colour and size the
+    caption names read right, see `evaluate.caption_hits`)."""
     from .decoder import decode_split
+    from .evaluate import caption_hits
     images = decode_split(decoder, clip, {"captions": list(captions)}, steps=steps, seed=seed, z=z)
-    return images, judge_hits(judge, images, captions)
+    return images, caption_hits(images, captions, judge)["joint"]
 
 
 def verdict(diff_hit: tuple, diff_cos: tuple, ratio_train: float, ratio_sample: float) -> str:

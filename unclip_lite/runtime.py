@@ -82,3 +82,15 @@ def attention_backend():
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
     return sdpa_kernel([SDPBackend.MATH])
+
+
+class TrainedModel:
+    """A trained network placed for use: on its device, in eval mode, with the precision it runs
+    in and the metrics its artifact recorded. Each stage's `Trained*` class builds on this."""
+
+    def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto",
+                 metrics: dict | None = None):
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.model = model.to(self.device).eval()
+        self.metrics = metrics or {}

@@ -36,7 +36,7 @@ from .config import Preset, UpsamplerConfig, from_dict, to_dict
 from .data import rendered
 from .diffusion import GaussianDiffusion
 from .evaluate import gaussian_blur
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything
+from .runtime import TrainedModel, autocast, seed_everything
 from .shapes import ShapesWorld
 from .train import clear_state, ensure_stage, train
 from .unet import UNet, timestep_embedding
@@ -179,17 +179,14 @@ def upsampler_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = N
 # Sampling
 
 
-class TrainedUpsampler:
+class TrainedUpsampler(TrainedModel):
     """A trained upsampler with its diffusion, for sampling."""
 
     def __init__(self, model: Upsampler, cfg: UpsamplerConfig, device: str = "auto", precision: str = "auto",
                  metrics: dict | None = None):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
+        super().__init__(model, device, precision, metrics)
         self.cfg = cfg
         self.diffusion = make_diffusion(cfg)
-        self.metrics = metrics or {}
 
     @torch.no_grad()
     def upsample(self, x32: torch.Tensor, steps: int | None = None, aug_level: float | None = None, seed: int = 0,
