@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 
-.PHONY: install course test test-fast lab bench example-data clean
+.PHONY: install browser course test test-fast lab bench example-data clean
 
 install: $(STAMP)
 
@@ -24,8 +24,19 @@ course: install
 	$(PY) -m unclip_lite course
 
 ## The whole suite: unit tests, then every notebook at its course defaults.
-test: install
+test: install browser
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+## What the browser test (tests/test_browser.py) drives: Debian's chromium, installed as root with
+## apt-get when missing. Elsewhere nothing is installed and that one test skips, saying why.
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (apt-get) for the browser test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null \
+	      || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	  else echo "no chromium, and not root with apt-get: tests/test_browser.py will skip"; fi; \
+	fi
 
 ## The quick subset (no notebook runs, no course-scale training).
 test-fast: install
@@ -42,6 +53,7 @@ bench: install
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_decoder.py
 	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_widgets.py
 
 ## Regenerate the tiny example dataset in data/example/.
 example-data: install

@@ -61,6 +61,13 @@ def test_caption_only_is_the_same_code_without_z():
     x, t, z, states, mask = _inputs()
     assert torch.allclose(model(x, t, z, states, mask), model(x, t, torch.zeros_like(z), states, mask))
     assert type(model) is Decoder
+    # GLIDE-style: the caption's last real token also feeds the timestep embedding
+    base = model(x, t, z, states, mask)
+    last = states.clone()
+    last[:, 3] = torch.randn(3, 24, generator=torch.Generator().manual_seed(3))  # token 3: the last unmasked one
+    assert not torch.allclose(base, model(x, t, z, last, mask), atol=1e-4)
+    drop = torch.ones(3, dtype=torch.bool)
+    assert torch.allclose(model(x, t, z, states, mask, drop_text=drop), model(x, t, z, last, mask, drop_text=drop))
 
 
 def test_smoke_decoder_trains_samples_inverts_and_reloads(tmp_path, smoke):
@@ -118,3 +125,14 @@ def test_sampler_comparison_covers_ddim_and_the_two_longest_ddpm_runs():
     from unclip_lite.decoder import samplers_for
     labels = [label for label, _, _ in samplers_for(dataclasses.replace(CFG, compare_steps=(50, 10, 250, 25)))]
     assert labels == ["DDIM 10", "DDIM 25", "DDIM 50", "DDIM 250", "DDPM 50", "DDPM 250"]
+
+
+def test_the_baseline_drops_its_caption_as_often_as_unclip_drops_z():
+    images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
+    cache = {"image_emb": torch.randn(8, 16), "caption_index": torch.arange(8), "text_states": torch.randn(8, 6, 24),
+             "text_mask": torch.ones(8, 6, dtype=torch.bool)}
+    cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, batch_size=4000))
+    draws = {flag: DecoderBatches(images, cache, dataclasses.replace(cfg, caption_only=flag), seed=0)(0)["drop_text"]
+             for flag in (False, True)}
+    assert abs(float(draws[False].float().mean()) - cfg.p_drop_text) < 0.03
+    assert abs(float(draws[True].float().mean()) - cfg.p_drop_z) < 0.03

@@ -7,28 +7,17 @@ import torch
 from unclip_lite import manipulate
 from unclip_lite.clip import ensure_clip
 from unclip_lite.config import get_preset
-from unclip_lite.decoder import ensure_decoder
 from unclip_lite.pipeline import PipelineError, UnCLIP
-from unclip_lite.prior import ensure_prior
-from unclip_lite.upsampler import ensure_upsampler
 
 
-@pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
-    """Every stage at the smoke preset (seconds), in one artifacts folder."""
-    folder = tmp_path_factory.mktemp("artifacts")
-    smoke = get_preset("smoke")
-    clip = ensure_clip(folder, smoke, progress=False)
-    ensure_decoder(folder, smoke, clip, progress=False, evaluate=None)
-    for kind in ("diffusion", "ar"):
-        ensure_prior(folder, smoke, clip, kind=kind, progress=False)
-    ensure_upsampler(folder, smoke, progress=False)
-    return folder
+@pytest.fixture
+def artifacts(smoke_artifacts):
+    return smoke_artifacts
 
 
-@pytest.fixture(scope="module")
-def pipe(artifacts):
-    return UnCLIP.from_artifacts(artifacts)
+@pytest.fixture
+def pipe(smoke_pipe):
+    return smoke_pipe
 
 
 def test_generate_is_64px_and_the_same_for_the_same_seed(pipe):

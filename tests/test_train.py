@@ -153,3 +153,22 @@ def test_precision_choice():
     assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
     with pytest.raises(ValueError):
         resolve_precision("fp8")
+
+
+def test_stop_after_trains_the_start_of_the_schedule_and_snapshots_match_it(tmp_path):
+    """A run stopped after k steps of an n-step schedule holds the weights that the full run's
+    snapshot at step k holds: the matched-compute comparison of notebook 07 relies on this."""
+    from unclip_lite.train import snapshot_path
+    cfg = TrainConfig(steps=30, batch_size=32, lr=1e-2, warmup_steps=5, log_every=5, ema_decay=0.9,
+                      precision="fp32", checkpoint_every=0)
+    full, loss_fn, get_batch = _toy(seed=2)
+    m_full = train(full, loss_fn, get_batch, cfg, run_dir=tmp_path / "full", progress=False, snapshot_steps=(10,))
+    short, loss_fn, get_batch = _toy(seed=2)
+    m_short = train(short, loss_fn, get_batch, cfg, progress=False, stop_after=10)
+    assert m_short["steps"] == 10 and m_short["schedule_steps"] == 30 and m_full["steps"] == 30
+    snap = ckpt.load_tensors(snapshot_path(tmp_path / "full", 10))
+    for k, v in short.state_dict().items():
+        assert torch.allclose(v, snap[k]), k
+    assert not torch.allclose(full.state_dict()["0.weight"], snap["0.weight"])
+    with pytest.raises(ValueError, match="stop_after must lie in 1..steps"):
+        train(short, loss_fn, get_batch, cfg, progress=False, stop_after=31)

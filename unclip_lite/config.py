@@ -102,7 +102,7 @@ class DecoderConfig:
     dropout: float = 0.0  # dropout inside the ResBlocks
     caption_only: bool = False  # True: the GLIDE-like baseline, no z_i (set by ensure_decoder)
     p_drop_z: float = 0.1  # z_i is replaced by a learned null this often (for guidance)
-    p_drop_text: float = 0.5  # the caption is dropped this often
+    p_drop_text: float = 0.5  # the caption is dropped this often (the caption-only baseline: p_drop_z, its only condition)
     objective: str = "v"  # "eps" | "x0" | "v": what the U-Net predicts
     schedule: str = "cosine"  # noise schedule over 1000 steps
     min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: plain MSE on the objective)
@@ -112,6 +112,9 @@ class DecoderConfig:
     n_eval: int = 256  # val (and held-out) scenes decoded for the metrics
     compare_steps: tuple[int, ...] = (10, 25, 50, 250)  # DDIM step counts compared in the metrics (DDPM: the largest two)
     n_compare: int = 64  # val scenes in that sampler comparison
+    # the caption-only baseline trains the first baseline_steps steps of this schedule, and the unCLIP decoder keeps
+    # its weights at that step: notebook 07 compares the two at matched training compute
+    baseline_steps: int = 1000
     train: TrainConfig = field(  # the training loop: about 6 minutes on 2 cores at the course preset (budget 8)
         default_factory=lambda: TrainConfig(steps=2200, batch_size=32, lr=2e-3, warmup_steps=100,
                                             ema_decay=0.995, checkpoint_every=500)
@@ -219,7 +222,7 @@ def _smoke() -> Preset:
                                           checkpoint_every=6, log_every=3)),
         decoder=DecoderConfig(patch_size=2, base_channels=16, channel_mults=(1, 2), attention_levels=(1,), context_dim=32,
                               n_train_images=512, sample_steps=5, n_eval=16, compare_steps=(2, 5), n_compare=8,
-                              train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
+                              baseline_steps=4, train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
                                                 checkpoint_every=3, log_every=2)),
         upsampler=UpsamplerConfig(base_channels=16, channel_mults=(1, 2), crop_size=16, n_train_images=256,
                                   sample_steps=3, n_eval=8,
@@ -248,7 +251,7 @@ def _gpu() -> Preset:
                                           weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, ema_decay=0.995,
                                           checkpoint_every=1000)),
         decoder=DecoderConfig(base_channels=96, channel_mults=(1, 2, 2, 2), blocks_per_level=2, context_dim=256,
-                              n_train_images=100_000, n_eval=1_000, n_compare=500,
+                              n_train_images=100_000, n_eval=1_000, n_compare=500, baseline_steps=30_000,
                               train=TrainConfig(steps=30_000, batch_size=128, lr=5e-4, warmup_steps=1000,
                                                 ema_decay=0.9995, checkpoint_every=2000)),
         upsampler=UpsamplerConfig(base_channels=64, channel_mults=(1, 2, 2, 4), blocks_per_level=2, crop_size=32,

@@ -10,7 +10,10 @@ Conditioning, as in the paper:
   (both dropped) outputs with a guidance scale.
 
 ``caption_only=True`` builds the GLIDE-like baseline through the same code: z_i is never given
-(it is always the learned null), so the caption is the only signal.
+(it is always the learned null), so the caption is the only signal. As in GLIDE, the caption's
+final token state is also projected into the timestep embedding (where unCLIP puts z_i), and the
+caption is dropped for guidance as often as unCLIP drops z_i (`p_drop_z`): it is the baseline's
+only condition, and dropping it half the time would waste half its training.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from .data import rendered
 from .diffusion import GaussianDiffusion, guided
 from .runtime import TrainedModel, autocast, seed_everything
 from .shapes import ShapesWorld
-from .train import clear_state, ensure_stage, train
+from .train import clear_state, ensure_stage, snapshot_path, train
 from .unet import UNet
 
 IMAGE_SIZE = 32
@@ -49,7 +52,9 @@ class Decoder(nn.Module):
         # standardising it makes the differences between images unit-sized at the conditioning input
         self.register_buffer("z_mean", torch.zeros(z_dim))
         self.register_buffer("z_std", torch.ones(z_dim))
-        if not cfg.caption_only:
+        if cfg.caption_only:  # GLIDE: the caption's last token stands in for a class embedding
+            self.caption_emb = nn.Linear(ctx, self.unet.emb_dim)
+        else:
             self.z_emb = nn.Linear(z_dim, self.unet.emb_dim)
             self.z_tokens = nn.Linear(z_dim, cfg.n_z_tokens * ctx)
 
@@ -77,11 +82,15 @@ class Decoder(nn.Module):
             emb = self.z_emb(z)
             tokens.append(self.z_tokens(z).view(b, self.cfg.n_z_tokens, -1))
             keep.append(torch.ones(b, self.cfg.n_z_tokens, dtype=torch.bool, device=x_t.device))
-        tokens.append(self.text_proj(states.to(self.null_token.dtype)))
+        text = self.text_proj(states.to(self.null_token.dtype))
+        tokens.append(text)
         text_keep = mask.bool()
         if drop_text is not None:
             text_keep = text_keep & ~drop_text[:, None]
         keep.append(text_keep)
+        if self.cfg.caption_only:  # the last real token's state; zero when the caption is dropped or absent
+            last = text[torch.arange(b, device=text.device), (text_keep.sum(1) - 1).clamp_min(0)]
+            emb = self.caption_emb(last * text_keep.any(1, keepdim=True).to(last.dtype))
         context = torch.cat([tk.to(tokens[0].dtype) for tk in tokens], 1)
         return self.unet(x_t, t, emb, context, torch.cat(keep, 1))
 
@@ -101,6 +110,8 @@ class DecoderBatches:
     def __init__(self, images: torch.Tensor, cache: dict, cfg: DecoderConfig, seed: int):
         self.images = resize_uint8(images, IMAGE_SIZE)
         self.cache, self.cfg, self.seed = cache, cfg, seed
+        # the baseline's caption is its only condition: dropped as often as unCLIP's z_i
+        self.p_drop_text = cfg.p_drop_z if cfg.caption_only else cfg.p_drop_text
         if len(self.images) != len(cache["image_emb"]):
             raise ValueError(f"{len(self.images)} images but {len(cache['image_emb'])} cached embeddings")
 
@@ -114,7 +125,7 @@ class DecoderBatches:
                 "mask": self.cache["text_mask"][rows], "t": torch.randint(0, 1000, (b,), generator=g),
                 "noise": torch.randn(x0.shape, generator=g),
                 "drop_z": torch.rand(b, generator=g) < self.cfg.p_drop_z,
-                "drop_text": torch.rand(b, generator=g) < self.cfg.p_drop_text}
+                "drop_text": torch.rand(b, generator=g) < self.p_drop_text}
 
 
 def decoder_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = None):
@@ -138,30 +149,35 @@ class TrainedDecoder(TrainedModel):
         self.cfg = cfg
         self.diffusion = make_diffusion(cfg)
 
-    def model_fn(self, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, guidance: float):
-        """fn(x_t, t) for the sampler: guided, bf16 where enabled, output in float32."""
+    def model_fn(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, guidance: float):
+        """fn(x_t, t) for the sampler: guided, bf16 where enabled, output in float32. z=None runs
+        the decoder on the caption alone (z_i replaced by the learned null, as in training)."""
+        no_z = z is None
+        if no_z:
+            z = torch.zeros(len(states), self.model.null_z.numel())
         z, states, mask = z.to(self.device), states.to(self.device).float(), mask.to(self.device)
 
         def raw(x, t, drop):
             n = x.shape[0] // z.shape[0]  # guided() doubles the batch
+            drop_z = torch.ones_like(drop) if no_z else drop
             with torch.no_grad(), autocast(self.device, self.precision):
-                out = self.model(x, t, z.repeat(n, 1),
-                                 states.repeat(n, 1, 1), mask.repeat(n, 1), drop, drop)
+                out = self.model(x, t, z.repeat(n, 1), states.repeat(n, 1, 1), mask.repeat(n, 1), drop_z, drop)
             return out.float()
         return guided(raw, guidance)
 
-    def sample(self, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, steps: int | None = None,
+    def sample(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, steps: int | None = None,
                guidance: float | None = None, eta: float | None = 0.0, generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None, batch_size: int = 128) -> torch.Tensor:
-        """Images (B, 3, 32, 32) in [-1, 1] for z_i and caption states; eta=None is DDPM."""
+        """Images (B, 3, 32, 32) in [-1, 1] for z_i (or None: the caption alone) and caption
+        states; eta=None is DDPM."""
         steps = steps or self.cfg.sample_steps
         guidance = self.cfg.guidance_scale if guidance is None else guidance
         diffusion = self.diffusion.respaced(steps)
-        out = []
-        for i in range(0, len(z), batch_size):
+        out, n = [], len(states)
+        for i in range(0, n, batch_size):
             sl = slice(i, i + batch_size)
-            start = noise[sl] if noise is not None else (min(batch_size, len(z) - i), 3, IMAGE_SIZE, IMAGE_SIZE)
-            fn = self.model_fn(z[sl], states[sl], mask[sl], guidance)
+            start = noise[sl] if noise is not None else (min(batch_size, n - i), 3, IMAGE_SIZE, IMAGE_SIZE)
+            fn = self.model_fn(None if z is None else z[sl], states[sl], mask[sl], guidance)
             out.append(diffusion.sample(fn, start, eta=eta, generator=generator, device=self.device).cpu())
         return torch.cat(out)
 
@@ -196,6 +212,10 @@ def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_
     `evaluate(trained) -> dict` (optional) adds metrics before the artifact is written.
     """
     cfg = dataclasses.replace(preset.decoder, caption_only=caption_only)
+    if not 0 < cfg.baseline_steps <= cfg.train.steps:
+        raise ValueError(f"decoder.baseline_steps must lie in 1..train.steps ({cfg.train.steps}), got {cfg.baseline_steps}")
+    # the baseline stops at baseline_steps of the same schedule; the unCLIP decoder keeps a snapshot there
+    schedule = {"stop_after": cfg.baseline_steps} if caption_only else {"snapshot_steps": (cfg.baseline_steps,)}
     out_dir = Path(out_dir)
     cache_dir = out_dir.parent / "cache"
     world = ShapesWorld("train", preset.world)
@@ -208,7 +228,7 @@ def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_
     diffusion = make_diffusion(cfg)
     train_metrics = train(model, decoder_loss(diffusion, cfg.min_snr_gamma), DecoderBatches(images, cache, cfg, cfg.train.seed),
                           cfg.train, run_dir=out_dir, progress=progress,
-                          desc="decoder" + (" (caption only)" if caption_only else ""), run_config=stage_config)
+                          desc="decoder" + (" (caption only)" if caption_only else ""), run_config=stage_config, **schedule)
     trained = TrainedDecoder(model, cfg, device=cfg.train.device)
     trained.text_length = int(cache["text_mask"].shape[1])
     metrics = {"train": train_metrics, "n_params": sum(p.numel() for p in model.parameters())}
@@ -222,11 +242,20 @@ def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_
 
 
 def load_decoder(folder: str | Path, preset: Preset | None = None, clip: ClipModel | None = None,
-                 caption_only: bool = False) -> TrainedDecoder:
+                 caption_only: bool = False, snapshot: int | None = None) -> TrainedDecoder:
+    """A decoder artifact; `snapshot=k` loads its EMA weights after k training steps instead of the
+    final ones (the unCLIP decoder keeps step `baseline_steps`, see DecoderConfig)."""
     expected = _stage_config(preset, clip, caption_only) if preset is not None and clip is not None else None
     state, meta, metrics = ckpt.load_stage(folder, "decoder", expected)
     cfg = from_dict(DecoderConfig, meta["config"]["decoder"])
     model = Decoder(cfg, meta["z_dim"], meta["text_width"])
+    if snapshot is not None:
+        path = snapshot_path(folder, snapshot)
+        if not path.exists():
+            kept = sorted(p.name for p in (Path(folder) / "snapshots").glob("*.safetensors"))
+            raise ckpt.ArtifactError(f"{path} is missing: {folder} keeps the snapshots {kept or 'none'}; retrain the "
+                                     f"decoder to get step {snapshot} (DecoderConfig.baseline_steps)")
+        state = ckpt.load_tensors(path)
     model.load_state_dict(state)
     trained = TrainedDecoder(model, cfg, device=cfg.train.device, metrics=metrics)
     trained.text_length = meta["text_length"]

@@ -411,3 +411,258 @@ def bootstrap_ci(values, stat=np.mean, n_boot: int = 2000, level: float = 0.95, 
     tail = (1 - level) / 2 * 100
     low, high = np.percentile(boots, [tail, 100 - tail])
     return float(stat(x)), float(low), float(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# The paper's comparisons (notebook 07). Every number is the judge's reading of generated images;
+# each comes with per-caption (or per-image) values so that intervals can be bootstrapped, and a
+# difference between two systems is always paired: the same captions, the same seeds.
+
+
+def sample_system(pipe, decoder, captions: list[str], condition: str = "prior", prior: str = "diffusion",
+                  guidance: float | None = None, steps: int | None = None, seed: int = 0,
+                  use_caption: bool = True) -> torch.Tensor:
+    """32 px images from `decoder` for each caption, conditioned on:
+
+    - "prior": z_i sampled by `pipe`'s `prior` (unCLIP);
+    - "text": the CLIP text embedding z_t, fed zero-shot in place of z_i (the paper's ablation);
+    - "caption": no z_i at all (the learned null): the caption alone. This is how the
+      caption-only (GLIDE-like) baseline always runs, and the ablation for the unCLIP decoder.
+    The caption also goes to the decoder unless `use_caption=False`. Noise streams follow
+    `pipeline.stage_seed`, so the same seed gives every system the same x_T.
+    """
+    from .pipeline import stage_seed
+    if condition == "prior":
+        z = pipe.priors[prior].sample(captions, seed=stage_seed(seed, "prior"))
+    elif condition == "text":
+        z = pipe.clip.encode_texts(captions)
+    elif condition == "caption":
+        z = None
+    else:
+        raise ValueError(f"condition must be 'prior', 'text' or 'caption', got {condition!r}")
+    return decode_z(pipe, decoder, z, captions, guidance=guidance, steps=steps, seed=seed, use_caption=use_caption)
+
+
+def decode_z(pipe, decoder, z: torch.Tensor | None, captions: list[str], guidance: float | None = None,
+             steps: int | None = None, seed: int = 0, use_caption: bool = True) -> torch.Tensor:
+    """Decode given z_i (N, D) (or None) with the captions (or none), from the seed's x_T."""
+    from .decoder import IMAGE_SIZE
+    from .manipulate import no_caption
+    from .pipeline import stage_seed
+    n = len(captions)
+    states, mask = pipe.caption_states(captions) if use_caption else no_caption(pipe, n)
+    g = torch.Generator().manual_seed(stage_seed(seed, "decoder"))
+    noise = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return decoder.sample(z, states, mask, steps=steps, guidance=guidance, noise=noise, generator=g)
+
+
+def diversity(images: torch.Tensor, judge: TrainedJudge, k: int, shapes_named: list[str] | None = None) -> dict:
+    """Spread across the k samples of each caption (images grouped as N/k captions x k samples):
+
+    - "feature": mean pairwise distance of the judge's features (everything the judge sees);
+    - "position_px": RMS distance of the judged object centres from their mean, in 32 px pixels;
+    - "rotation_deg": circular std of the rotation (`manipulate.estimate_rotation`), over the
+      captions whose named shape has one (`shapes_named`, per caption).
+    Each is a list with one value per caption (NaN where undefined), for bootstrap intervals.
+    """
+    from .manipulate import circular_spread, estimate_rotation
+    from .shapes import SYMMETRY
+    if len(images) % k:
+        raise ValueError(f"{len(images)} images do not split into groups of k = {k}")
+    out = judge._run(images)
+    feats = out["features"].view(-1, k, out["features"].shape[-1])
+    pair = torch.cdist(feats, feats)  # (G, k, k)
+    feature = (pair.sum((1, 2)) / (k * (k - 1))).tolist()
+    pos = out["pos"].view(-1, k, 2)
+    position = ((pos - pos.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).sqrt() * 32).tolist()
+    rotation = [float("nan")] * len(feats)
+    if shapes_named is not None:
+        preds = judge.predict(images)
+        rot = estimate_rotation(images, preds).view(-1, k)
+        rotation = [circular_spread(rot[i], SYMMETRY[s]) if SYMMETRY.get(s) else float("nan")
+                    for i, s in enumerate(shapes_named)]
+    return {"feature": feature, "position_px": position, "rotation_deg": rotation}
+
+
+def pca_basis(feats: torch.Tensor, dims: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean (D,), the first `dims` principal directions (D, dims)) of features (N, D)."""
+    x = feats.double()
+    mean = x.mean(0)
+    _, _, v = torch.linalg.svd(x - mean, full_matrices=False)
+    return mean, v[:dims].T
+
+
+def frechet_in_basis(feats: torch.Tensor, real: torch.Tensor, basis: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """The Fréchet distance between generated and real judge features, both projected onto a PCA
+    basis of the real features: a few hundred samples cannot estimate a 256-dim covariance, but
+    they can estimate a 16-dim one."""
+    mean, v = basis
+    return frechet_distance(((feats.double() - mean) @ v).numpy(), ((real.double() - mean) @ v).numpy())
+
+
+def frechet_ci(feats: torch.Tensor, real: torch.Tensor, basis, n_boot: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """`frechet_in_basis` with a bootstrap 95% interval over the generated samples."""
+    rng = np.random.default_rng(seed)
+    boots = [frechet_in_basis(feats[torch.from_numpy(rng.integers(0, len(feats), len(feats)))], real, basis)
+             for _ in range(n_boot)]
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return frechet_in_basis(feats, real, basis), float(low), float(high)
+
+
+def paired_frechet(plus: list[torch.Tensor], minus: list[torch.Tensor], real: torch.Tensor, basis, k: int,
+                   n_boot: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """Σ FD(plus) − Σ FD(minus) (`frechet_in_basis`) with a paired bootstrap 95% interval.
+
+    Every feature set holds the samples of the same captions in the same order (k rows per
+    caption); each bootstrap draw resamples captions once for all sets. The plug-in Fréchet
+    distance is biased upward at small n (a resample's duplicates bias it further), but the
+    bias is shared by sets of the same size, so the difference is what is worth an interval.
+    FD(A) − FD(B) is plus=[A], minus=[B]; a change of changes is plus=[A2, B1], minus=[A1, B2].
+    """
+    sets = list(plus) + list(minus)
+    n = len(sets[0])
+    if n % k or any(len(f) != n for f in sets):
+        raise ValueError(f"every feature set needs the same number of rows, a multiple of k = {k}")
+    groups = n // k
+
+    def value(rows):
+        fds = [frechet_in_basis(f[rows], real, basis) for f in sets]
+        return sum(fds[:len(plus)]) - sum(fds[len(plus):])
+
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, groups, groups)
+        boots.append(value(torch.from_numpy((pick[:, None] * k + np.arange(k)).ravel())))
+    low, high = np.percentile(boots, [2.5, 97.5])
+    return value(torch.arange(n)), float(low), float(high)
+
+
+def system_report(images: torch.Tensor, captions: list[str], judge: TrainedJudge, k: int,
+                  real_feats: torch.Tensor | None = None, basis=None) -> dict:
+    """Fidelity (per image: every named shape, colour and size right), diversity (per caption,
+    see `diversity`) and, given real features and a basis, the Fréchet distance with its interval
+    (and the judge features, for `paired_frechet`).
+    `captions` has one entry per image (each caption repeated k times in a row)."""
+    from .shapes import parse_caption
+    hits = caption_hits(images, captions, judge)
+    parsed = [parse_caption(c) for c in captions[::k]]
+    named = [p["objects"][0].get("shape") if p.get("count") == 1 else None for p in parsed]
+    out = {"n_images": len(images), "k": k, "fidelity": hits["joint"].float().tolist(),
+           **{f"diversity_{key}": v for key, v in diversity(images, judge, k, named).items()}}
+    for head in ("shape", "colour", "size"):
+        m = hits[head + "_named"]
+        out[f"accuracy_{head}"] = float(hits[head][m].float().mean()) if m.any() else float("nan")
+    if real_feats is not None and basis is not None:
+        out["features"] = judge.features(images)
+        out["frechet"] = frechet_ci(out["features"], real_feats, basis)
+    return out
+
+
+def summarise(values) -> tuple[float, float, float]:
+    """Mean with a bootstrap 95% interval, NaNs left out (mean, low, high)."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[~np.isnan(x)]
+    return bootstrap_ci(x) if len(x) else (float("nan"),) * 3
+
+
+def paired_difference(a, b) -> tuple[float, float, float]:
+    """Mean of a - b over the pairs where both are defined, with a bootstrap 95% interval."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    keep = ~(np.isnan(a) | np.isnan(b))
+    return bootstrap_ci(a[keep] - b[keep]) if keep.any() else (float("nan"),) * 3
+
+
+def direction(diff: tuple[float, float, float], expected: str) -> str:
+    """Whether a paired difference (mean, low, high) goes the paper's way: "reproduced" when its
+    interval excludes zero on the expected side ("+" or "-"), "reversed" when it excludes zero
+    on the other, "not resolved" when it contains zero."""
+    if expected not in ("+", "-"):
+        raise ValueError(f"expected must be '+' or '-', got {expected!r}")
+    if np.isnan(diff[0]):
+        return "not measured"
+    if diff[1] > 0:
+        return "reproduced" if expected == "+" else "reversed"
+    if diff[2] < 0:
+        return "reproduced" if expected == "-" else "reversed"
+    return "not resolved"
+
+
+def binding_report(images: torch.Tensor, captions: list[str], judge: TrainedJudge) -> dict:
+    """Attribute binding on two-object captions, read per object by the judge's two slots (it has
+    a second shape/colour/size head for the right-hand or lower object).
+
+    Per image: "object1" / "object2" (that object's named shape, colour and size right), "both",
+    "colours_bound" (each object's colour right), and "swapped": the two colours read, but on the
+    wrong objects (the binding failure itself).
+    """
+    from .shapes import parse_caption
+    parsed = [parse_caption(c) for c in captions]
+    if any(p.get("count") != 2 or len(p.get("objects", [])) != 2 for p in parsed):
+        raise ValueError("binding_report needs two-object captions ('a red circle left of a blue square')")
+    hits = attribute_hits(images, parsed, judge)
+    obj = []
+    for suffix in ("", "2"):
+        ok = torch.ones(len(images), dtype=torch.bool)
+        for head in ("shape", "colour", "size"):
+            ok &= hits[head + suffix] | ~hits[head + suffix + "_named"]
+        obj.append(ok)
+    preds = judge.predict(images)
+    swapped = []
+    for p, c in zip(preds, parsed):
+        named = [o.get("colour") for o in c["objects"]]
+        read = [o["colour"] for o in p["objects"]] + [None]
+        swapped.append(named[0] != named[1] and read[0] == named[1] and read[1] == named[0])
+    colours = (hits["colour"] | ~hits["colour_named"]) & (hits["colour2"] | ~hits["colour2_named"])
+    return {"object1": obj[0].float().tolist(), "object2": obj[1].float().tolist(),
+            "both": (obj[0] & obj[1]).float().tolist(), "colours_bound": colours.float().tolist(),
+            "swapped": [float(s) for s in swapped]}
+
+
+def pca_probe(pipe, decoder, judge, z_train: torch.Tensor, data: dict, ks=(1, 2, 4, 8, 16, 32, 64),
+              guidance: float | None = None, steps: int | None = None, seed: int = 0) -> dict:
+    """Decode val z_i reconstructed from their first k principal components (paper §4, Fig. 7).
+
+    The PCA is fitted on the training z_i; each reconstruction is renormalised to the unit sphere
+    CLIP's embeddings live on. Decoded with no caption (the caption would name the attributes and
+    hide what z_i carries). Returns per k the judge's accuracy per attribute, and the share of z_i
+    variance the first k components explain.
+    """
+    z = pipe.clip.encode_images(data["images"])
+    mean, v = pca_basis(z_train, z_train.shape[1])
+    var = ((z_train.double() - mean) @ v).var(0)
+    explained = (var.cumsum(0) / var.sum()).tolist()
+    out = {"ks": [], "explained": [], "accuracy": []}
+    coords = (z.double() - mean) @ v
+    for k in ks:
+        k = min(int(k), v.shape[1])
+        zk = F.normalize((mean + coords[:, :k] @ v[:, :k].T).float(), dim=-1)
+        images = decode_z(pipe, decoder, zk, list(data["captions"]), guidance=guidance, steps=steps, seed=seed,
+                          use_caption=False)
+        out["ks"].append(k)
+        out["explained"].append(explained[k - 1])
+        out["accuracy"].append(attribute_accuracy(images, data["attributes"], judge))
+    return out
+
+
+def components_needed(probe: dict, level: float = 0.9,
+                      attributes=("background", "colour", "size", "shape")) -> dict[str, int | None]:
+    """Per attribute, the fewest principal components at which `pca_probe`'s accuracy reaches
+    `level` of its accuracy with every component (None: never)."""
+    full = probe["accuracy"][-1]
+    return {a: next((k for k, acc in zip(probe["ks"], probe["accuracy"]) if acc.get(a, 0.0) >= level * full.get(a, 1.0)),
+                    None) for a in attributes}
+
+
+def coarse_first(needed: dict, coarse=("background", "colour"), fine=("shape", "size")) -> str:
+    """The paper's Fig. 7 direction, from `components_needed`: "reproduced" when every coarse
+    attribute arrives with fewer components than every fine one, "reversed" when every fine one
+    arrives first, "not resolved" otherwise (ties included)."""
+    big = 10 ** 9
+    c = [needed[a] if needed[a] is not None else big for a in coarse]
+    f = [needed[a] if needed[a] is not None else big for a in fine]
+    if max(c) < min(f):
+        return "reproduced"
+    if max(f) < min(c):
+        return "reversed"
+    return "not resolved"

@@ -125,8 +125,8 @@ def _background(kind: str, size: int, ss: int) -> np.ndarray:
     return np.repeat(lo + (hi - lo) * m, 3, axis=2).astype(np.float32)
 
 
-def _draw_object(canvas: np.ndarray, obj: dict, size: int, ss: int) -> None:
-    """Alpha-composite one antialiased object onto canvas (H, W, 3) float32, in place."""
+def _alpha_box(obj: dict, size: int, ss: int) -> tuple[np.ndarray, int, int]:
+    """One object's antialiased coverage over its bounding box: (alpha (h, w) float32, x0, y0)."""
     r = SIZES[obj["size"]] * size
     cx, cy = obj["x"] * size, obj["y"] * size
     x0, y0 = max(int(math.floor(cx - r - 1)), 0), max(int(math.floor(cy - r - 1)), 0)
@@ -144,10 +144,23 @@ def _draw_object(canvas: np.ndarray, obj: dict, size: int, ss: int) -> None:
     else:
         c, s = math.cos(obj["rotation"]), math.sin(obj["rotation"])
         draw.polygon([(px + r * ss * (c * u - s * v), py + r * ss * (s * u + c * v)) for u, v in poly], fill=255)
-    alpha = np.asarray(mask.reduce(ss), np.float32)[..., None] / 255.0  # (h, w, 1)
+    return np.asarray(mask.reduce(ss), np.float32) / 255.0, x0, y0
+
+
+def object_alpha(obj: dict, size: int, supersample: int = 4) -> np.ndarray:
+    """An object's coverage (size, size) in [0, 1]: where `render` would paint it."""
+    alpha, x0, y0 = _alpha_box(obj, size, supersample)
+    out = np.zeros((size, size), np.float32)
+    out[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]] = alpha
+    return out
+
+
+def _draw_object(canvas: np.ndarray, obj: dict, size: int, ss: int) -> None:
+    """Alpha-composite one antialiased object onto canvas (H, W, 3) float32, in place."""
+    alpha, x0, y0 = _alpha_box(obj, size, ss)
     colour = np.asarray(COLOURS[obj["colour"]], np.float32)
-    region = canvas[y0:y1, x0:x1]
-    region += alpha * (colour - region)
+    region = canvas[y0:y0 + alpha.shape[0], x0:x0 + alpha.shape[1]]
+    region += alpha[..., None] * (colour - region)
 
 
 def render(attributes: dict, image_size: int = 64, supersample: int = 4) -> np.ndarray:

@@ -81,8 +81,12 @@ class EMA:
 
 def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], cfg: TrainConfig,
           run_dir: str | Path | None = None, progress: bool = True, desc: str = "train",
-          run_config: dict | None = None) -> dict:
+          run_config: dict | None = None, stop_after: int | None = None, snapshot_steps: tuple[int, ...] = ()) -> dict:
     """Train `model` in place; on return it holds the EMA weights. Returns the metrics dict.
+
+    `stop_after=k` trains only the first k steps of the cfg.steps-step schedule (the learning
+    rate follows the full schedule); `snapshot_steps` keeps the EMA weights after those steps in
+    run_dir/snapshots/ (`snapshot_path`). Together they give two models at matched compute.
 
     With `run_dir`, a resumable checkpoint is written there every `cfg.checkpoint_every` steps
     and at the end; an interrupted run continues from it. `run_config` (the whole stage config:
@@ -129,10 +133,13 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
             "history": history, "config": full_config,
         })
 
+    end = cfg.steps if stop_after is None else stop_after
+    if not 0 < end <= cfg.steps:
+        raise ValueError(f"{desc}: stop_after must lie in 1..steps ({cfg.steps}), got {stop_after}")
     model.train()
-    bar = tqdm(total=cfg.steps, initial=start, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=end, initial=start, desc=desc, disable=not progress, leave=False)
     t0, samples, loss_sum, loss_n, last_logs = time.perf_counter(), 0, 0.0, 0, {}
-    for step in range(start, cfg.steps):
+    for step in range(start, end):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = to_device(get_batch(step), device)
@@ -156,23 +163,26 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         ema.update(model, 0.0 if step < cfg.ema_start else None)
         samples += _batch_size(batch)
         loss_sum, loss_n, last_logs = loss_sum + loss_value, loss_n + 1, logs
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             history.append([step + 1, loss_sum / loss_n])
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
             loss_sum, loss_n = 0.0, 0
         bar.update(1)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
             save_checkpoint(step + 1)
+        if step + 1 in snapshot_steps and run_dir is not None:
+            ckpt.save_tensors(snapshot_path(run_dir, step + 1), ema.state_dict(model))
     bar.close()
     wall = time.perf_counter() - t0
-    if start < cfg.steps:
-        save_checkpoint(cfg.steps)
+    if start < end:
+        save_checkpoint(end)
     model.load_state_dict(ema.state_dict(model))
     recalibrate_batchnorm(model, loss_fn, get_batch, range(cfg.steps, cfg.steps + BN_RECALIBRATION_BATCHES),
                           device, precision)
     model.eval()
     return {
-        "steps": cfg.steps,
+        "steps": end,
+        "schedule_steps": cfg.steps,
         "resumed_from": resumed_from,
         "final_loss": history[-1][1] if history else None,
         "loss_history": history,
@@ -190,6 +200,11 @@ def _kept(state_path: Path | None) -> str:
         return (f"the last good checkpoint is kept at {state_path}. Check the data, or delete the "
                 "checkpoint and lower the learning rate (a resume needs the same config).")
     return "no checkpoint had been written yet. Check the data, or lower the learning rate."
+
+
+def snapshot_path(run_dir: str | Path, step: int) -> Path:
+    """Where `train` keeps the EMA weights after `step` (its `snapshot_steps`)."""
+    return Path(run_dir) / "snapshots" / f"step_{step}.safetensors"
 
 
 def clear_state(run_dir: str | Path) -> None:
