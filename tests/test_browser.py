@@ -125,6 +125,7 @@ def test_notebook_06_slider_answers_in_jupyterlab(lab):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True,
                                     args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = None
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(lab, timeout=90_000)
@@ -154,7 +155,8 @@ def test_notebook_06_slider_answers_in_jupyterlab(lab):
             status.scroll_into_view_if_needed()
             page.screenshot(path=str(SHOT_DIR / "06_manipulations.png"), full_page=False)
         except Exception:
-            page.screenshot(path=str(SHOT_DIR / "failure.png"), full_page=False)  # what the browser showed
+            if page is not None:
+                page.screenshot(path=str(SHOT_DIR / "failure.png"), full_page=False)  # what the browser showed
             raise
         finally:
             browser.close()

@@ -101,7 +101,9 @@ def test_guidance_explorer_reuses_prior_samples(smoke_pipe):
     ex.decoder_guidance.value = smoke_pipe.decoder.cfg.guidance_scale
     assert ex.calls["prior"] == 2 and torch.equal(ex.images, first)  # same settings, same images
     ex.prior.value = "ar"
-    assert ex.calls["prior"] == 3 and ex.error is None
+    assert ex.calls["prior"] == 3 and ex.error is None and ex.prior_guidance.disabled and "AR prior" in ex.status.value
+    ex.prior_guidance.value = 5.0  # the AR prior has no guidance: the cached sample is reused
+    assert ex.calls["prior"] == 3
 
 
 def test_text_diff_shows_the_source_at_the_output_size(smoke_pipe):

@@ -462,7 +462,8 @@ def diversity(images: torch.Tensor, judge: TrainedJudge, k: int, shapes_named: l
     - "feature": mean pairwise distance of the judge's features (everything the judge sees);
     - "position_px": RMS distance of the judged object centres from their mean, in 32 px pixels;
     - "rotation_deg": circular std of the rotation (`manipulate.estimate_rotation`), over the
-      captions whose named shape has one (`shapes_named`, per caption).
+      captions whose named shape has one (`shapes_named`, per caption), from the samples the
+      judge reads as that shape (another shape's angle lives on another period).
     Each is a list with one value per caption (NaN where undefined), for bootstrap intervals.
     """
     from .manipulate import circular_spread, estimate_rotation
@@ -478,7 +479,10 @@ def diversity(images: torch.Tensor, judge: TrainedJudge, k: int, shapes_named: l
     rotation = [float("nan")] * len(feats)
     if shapes_named is not None:
         preds = judge.predict(images)
-        rot = estimate_rotation(images, preds).view(-1, k)
+        rot = estimate_rotation(images, preds)
+        read = [p["shape"] for p in preds]
+        named = [s for s in shapes_named for _ in range(k)]
+        rot = torch.where(torch.tensor([r == n for r, n in zip(read, named)]), rot, torch.nan).view(-1, k)
         rotation = [circular_spread(rot[i], SYMMETRY[s]) if SYMMETRY.get(s) else float("nan")
                     for i, s in enumerate(shapes_named)]
     return {"feature": feature, "position_px": position, "rotation_deg": rotation}
@@ -500,11 +504,16 @@ def frechet_in_basis(feats: torch.Tensor, real: torch.Tensor, basis: tuple[torch
     return frechet_distance(((feats.double() - mean) @ v).numpy(), ((real.double() - mean) @ v).numpy())
 
 
-def frechet_ci(feats: torch.Tensor, real: torch.Tensor, basis, n_boot: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    """`frechet_in_basis` with a bootstrap 95% interval over the generated samples."""
+def frechet_ci(feats: torch.Tensor, real: torch.Tensor, basis, n_boot: int = 200, seed: int = 0,
+               k: int = 1) -> tuple[float, float, float]:
+    """`frechet_in_basis` with a bootstrap 95% band, resampling groups of k rows (one caption's
+    samples) together. The plug-in distance is biased upward at small n and a resample's
+    duplicates add to it, so the point can sit below the band: compare systems with
+    `paired_frechet`, not with these bands."""
     rng = np.random.default_rng(seed)
-    boots = [frechet_in_basis(feats[torch.from_numpy(rng.integers(0, len(feats), len(feats)))], real, basis)
-             for _ in range(n_boot)]
+    groups = len(feats) // k
+    boots = [frechet_in_basis(feats[torch.from_numpy((rng.integers(0, groups, groups)[:, None] * k + np.arange(k)).ravel())],
+                              real, basis) for _ in range(n_boot)]
     low, high = np.percentile(boots, [2.5, 97.5])
     return frechet_in_basis(feats, real, basis), float(low), float(high)
 
@@ -540,22 +549,24 @@ def paired_frechet(plus: list[torch.Tensor], minus: list[torch.Tensor], real: to
 
 def system_report(images: torch.Tensor, captions: list[str], judge: TrainedJudge, k: int,
                   real_feats: torch.Tensor | None = None, basis=None) -> dict:
-    """Fidelity (per image: every named shape, colour and size right), diversity (per caption,
-    see `diversity`) and, given real features and a basis, the Fréchet distance with its interval
-    (and the judge features, for `paired_frechet`).
+    """Per caption (so that a bootstrap resamples captions, not the correlated samples of one):
+    fidelity (the share of its k images with every named shape, colour and size right) and
+    diversity (see `diversity`); and, given real features and a basis, the Fréchet distance with
+    its interval (and the judge features, for `paired_frechet`).
     `captions` has one entry per image (each caption repeated k times in a row)."""
     from .shapes import parse_caption
     hits = caption_hits(images, captions, judge)
     parsed = [parse_caption(c) for c in captions[::k]]
     named = [p["objects"][0].get("shape") if p.get("count") == 1 else None for p in parsed]
-    out = {"n_images": len(images), "k": k, "fidelity": hits["joint"].float().tolist(),
+    fidelity = hits["joint"].float()
+    out = {"n_images": len(images), "k": k, "fidelity": fidelity.view(-1, k).mean(1).tolist(),
            **{f"diversity_{key}": v for key, v in diversity(images, judge, k, named).items()}}
     for head in ("shape", "colour", "size"):
         m = hits[head + "_named"]
         out[f"accuracy_{head}"] = float(hits[head][m].float().mean()) if m.any() else float("nan")
     if real_feats is not None and basis is not None:
         out["features"] = judge.features(images)
-        out["frechet"] = frechet_ci(out["features"], real_feats, basis)
+        out["frechet"] = frechet_ci(out["features"], real_feats, basis, k=k)
     return out
 
 
@@ -566,11 +577,15 @@ def summarise(values) -> tuple[float, float, float]:
     return bootstrap_ci(x) if len(x) else (float("nan"),) * 3
 
 
+MIN_PAIRS = 10  # fewer pairs than this and a bootstrap interval means nothing: no verdict
+
+
 def paired_difference(a, b) -> tuple[float, float, float]:
-    """Mean of a - b over the pairs where both are defined, with a bootstrap 95% interval."""
+    """Mean of a - b over the pairs where both are defined, with a bootstrap 95% interval; NaN
+    (no verdict) with fewer than MIN_PAIRS such pairs."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     keep = ~(np.isnan(a) | np.isnan(b))
-    return bootstrap_ci(a[keep] - b[keep]) if keep.any() else (float("nan"),) * 3
+    return bootstrap_ci(a[keep] - b[keep]) if keep.sum() >= MIN_PAIRS else (float("nan"),) * 3
 
 
 def direction(diff: tuple[float, float, float], expected: str) -> str:
@@ -625,33 +640,46 @@ def pca_probe(pipe, decoder, judge, z_train: torch.Tensor, data: dict, ks=(1, 2,
 
     The PCA is fitted on the training z_i; each reconstruction is renormalised to the unit sphere
     CLIP's embeddings live on. Decoded with no caption (the caption would name the attributes and
-    hide what z_i carries). Returns per k the judge's accuracy per attribute, and the share of z_i
-    variance the first k components explain.
+    hide what z_i carries). Returns per k the judge's accuracy per attribute and the share of z_i
+    variance the first k components explain, and "full": the accuracy with every component
+    (decoded once more unless the last k already keeps them all).
     """
     z = pipe.clip.encode_images(data["images"])
     mean, v = pca_basis(z_train, z_train.shape[1])
     var = ((z_train.double() - mean) @ v).var(0)
     explained = (var.cumsum(0) / var.sum()).tolist()
-    out = {"ks": [], "explained": [], "accuracy": []}
     coords = (z.double() - mean) @ v
-    for k in ks:
-        k = min(int(k), v.shape[1])
+    d = v.shape[1]
+
+    def accuracy_at(k: int) -> dict:
         zk = F.normalize((mean + coords[:, :k] @ v[:, :k].T).float(), dim=-1)
         images = decode_z(pipe, decoder, zk, list(data["captions"]), guidance=guidance, steps=steps, seed=seed,
                           use_caption=False)
-        out["ks"].append(k)
-        out["explained"].append(explained[k - 1])
-        out["accuracy"].append(attribute_accuracy(images, data["attributes"], judge))
+        return attribute_accuracy(images, data["attributes"], judge)
+
+    ks = sorted({min(int(k), d) for k in ks})
+    out = {"ks": ks, "explained": [explained[k - 1] for k in ks], "accuracy": [accuracy_at(k) for k in ks]}
+    out["full"] = out["accuracy"][-1] if ks[-1] == d else accuracy_at(d)
     return out
 
 
-def components_needed(probe: dict, level: float = 0.9,
-                      attributes=("background", "colour", "size", "shape")) -> dict[str, int | None]:
-    """Per attribute, the fewest principal components at which `pca_probe`'s accuracy reaches
-    `level` of its accuracy with every component (None: never)."""
-    full = probe["accuracy"][-1]
-    return {a: next((k for k, acc in zip(probe["ks"], probe["accuracy"]) if acc.get(a, 0.0) >= level * full.get(a, 1.0)),
-                    None) for a in attributes}
+CHANCE = {"background": 1 / 4, "colour": 1 / 8, "size": 1 / 3, "shape": 1 / 6}  # uniform attributes in ShapesWorld
+
+
+def components_needed(probe: dict, level: float = 0.9, attributes=("background", "colour", "size", "shape")) -> dict:
+    """Per attribute, the fewest principal components at which `pca_probe`'s accuracy has come
+    `level` of the way from chance to its accuracy with every component ("full" in the probe),
+    so that an attribute decoded near chance does not "arrive" at once. None: never, or when
+    the full z_i is itself no better than chance."""
+    out = {}
+    for a in attributes:
+        full, chance = probe["full"].get(a, float("nan")), CHANCE[a]
+        if not full > chance:
+            out[a] = None
+            continue
+        out[a] = next((k for k, acc in zip(probe["ks"], probe["accuracy"])
+                       if (acc.get(a, 0.0) - chance) >= level * (full - chance)), None)
+    return out
 
 
 def coarse_first(needed: dict, coarse=("background", "colour"), fine=("shape", "size")) -> str:

@@ -5,9 +5,10 @@ Each explorer is a plain object with a `widget` (what the notebook displays), an
 So a test can drive an explorer without a browser: set `explorer.theta.value = 0.3` and read
 `explorer.status.value` and `explorer.images`.
 
-What a slider move does not change is computed once and kept: CLIP encodings, DDIM inversions,
-prior samples and text-diff directions. A move re-runs only the decoder (and the upsampler, when
-ticked). `explorer.calls` counts the expensive calls, so the caching is testable.
+What a slider move does not change is computed once and kept: image embeddings with their DDIM
+inversions, prior samples and text-diff directions. A move re-runs only the decoder (and the
+upsampler, when ticked; the guidance explorer also re-encodes its caption's tokens, a
+millisecond). `explorer.calls` counts the expensive calls, so the caching is testable.
 
     from unclip_lite.widgets import InterpolationExplorer
     InterpolationExplorer(pipe, "a red circle", "a blue star").widget   # in a notebook cell
@@ -139,10 +140,11 @@ class InterpolationExplorer(Explorer):
     """Slerp between the z_i of two endpoints (paper §3.2); a θ slider and the x_T mode.
 
     An endpoint is an image (inverted: z_i from CLIP, x_T by DDIM inversion) or a caption (z_i
-    from the prior, x_T the seed's noise: exactly the latent its image decodes from). A uses
-    `seed`, B `seed + 1`. In mode
-    "fixed" every θ decodes from endpoint A's x_T; in mode "inverted" x_T is slerped between A's
-    and B's too, so θ = 0 and θ = 1 give back the two endpoints' own images.
+    from the prior, x_T the seed's noise; A uses `seed`, B `seed + 1`). Everything here decodes
+    without the caption at guidance 1, as inversion does, so a caption's endpoint is not the image
+    `pipe.generate` draws for it (that one also sees the caption, at guidance 3). In mode "fixed"
+    every θ decodes from endpoint A's x_T; in mode "inverted" x_T is slerped between A's and B's
+    too, so θ = 0 and θ = 1 give back the two endpoints.
     The strip shows A, the image at θ, and B.
     """
 
@@ -264,13 +266,20 @@ class GuidanceExplorer(Explorer):
                                         pipe.decoder.cfg.guidance_scale if decoder_guidance is None else decoder_guidance,
                                         1.0, 8.0, 0.5, "unclip-guidance-decoder")
         self.seed = W.BoundedIntText(value=seed, min=0, max=2 ** 31 - 1, description="seed")
+        self._sync_prior_controls()
+        self.prior.observe(lambda change: self._sync_prior_controls(), names="value")
         self._watch(self.caption, self.prior, self.prior_guidance, self.decoder_guidance, self.seed, self.upsample)
         self.widget = self._layout(self.caption, self.prior, self.prior_guidance, self.decoder_guidance, self.seed)
         self.update()
 
+    def _sync_prior_controls(self) -> None:
+        """The AR prior has no guidance: its slider is disabled (and ignored) while it is chosen."""
+        self.prior_guidance.disabled = self.prior.value == "ar"
+
     def z_i(self) -> torch.Tensor:
         caption = self.pipe.check_captions([self.caption.value])[0]
-        key = (caption, self.prior.value, float(self.prior_guidance.value), int(self.seed.value))
+        guidance = None if self.prior.value == "ar" else float(self.prior_guidance.value)
+        key = (caption, self.prior.value, guidance, int(self.seed.value))
         if key not in self._z:
             self.calls["prior"] += 1
             self._z[key] = self.pipe.priors[key[1]].sample([caption] * self.n, guidance=key[2],
@@ -285,5 +294,6 @@ class GuidanceExplorer(Explorer):
                                 progress=False)
 
     def describe(self) -> str:
-        return (f"decoder guidance {self.decoder_guidance.value:.1f} · prior guidance {self.prior_guidance.value:.1f} "
-                f"· seed {self.seed.value}")
+        prior = ("AR prior" if self.prior.value == "ar" else
+                 f"diffusion prior, guidance {self.prior_guidance.value:.1f}")
+        return f"decoder guidance {self.decoder_guidance.value:.1f} · {prior} · seed {self.seed.value}"
