@@ -466,25 +466,15 @@ def diversity(images: torch.Tensor, judge: TrainedJudge, k: int, shapes_named: l
       judge reads as that shape (another shape's angle lives on another period).
     Each is a list with one value per caption (NaN where undefined), for bootstrap intervals.
     """
-    from .manipulate import circular_spread, estimate_rotation
-    from .shapes import SYMMETRY
+    from .manipulate import group_spreads
     if len(images) % k:
         raise ValueError(f"{len(images)} images do not split into groups of k = {k}")
     out = judge._run(images)
     feats = out["features"].view(-1, k, out["features"].shape[-1])
     pair = torch.cdist(feats, feats)  # (G, k, k)
     feature = (pair.sum((1, 2)) / (k * (k - 1))).tolist()
-    pos = out["pos"].view(-1, k, 2)
-    position = ((pos - pos.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).sqrt() * 32).tolist()
-    rotation = [float("nan")] * len(feats)
-    if shapes_named is not None:
-        preds = judge.predict(images)
-        rot = estimate_rotation(images, preds)
-        read = [p["shape"] for p in preds]
-        named = [s for s in shapes_named for _ in range(k)]
-        rot = torch.where(torch.tensor([r == n for r, n in zip(read, named)]), rot, torch.nan).view(-1, k)
-        rotation = [circular_spread(rot[i], SYMMETRY[s]) if SYMMETRY.get(s) else float("nan")
-                    for i, s in enumerate(shapes_named)]
+    shapes = list(shapes_named) if shapes_named is not None else ["circle"] * len(feats)  # circle: no rotation
+    position, rotation = group_spreads(images, judge.predict(images), k, shapes)
     return {"feature": feature, "position_px": position, "rotation_deg": rotation}
 
 

@@ -45,15 +45,15 @@ def slerp_flat(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
     return slerp(a.flatten(1), b.flatten(1), theta).view_as(a)
 
 
-def to_model_images(images) -> torch.Tensor:
-    """uint8 (N, 3, H, W) or float [-1, 1] images -> float [-1, 1] at the decoder's 32 px, resized
-    the way the decoder's training images were (bicubic, antialiased)."""
+def to_model_images(images, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """uint8 (N, 3, H, W) or float [-1, 1] images -> float [-1, 1] at `size` px (the decoder's 32
+    by default), resized the way the decoder's training images were (bicubic, antialiased)."""
     if images.dtype == torch.uint8:
-        return resize_uint8(images, IMAGE_SIZE).float().div(127.5).sub(1)
+        return resize_uint8(images, size).float().div(127.5).sub(1)
     x = images.float()
-    if x.shape[-1] != IMAGE_SIZE:
-        x = F.interpolate(x, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bicubic", align_corners=False,
-                          antialias=x.shape[-1] > IMAGE_SIZE).clamp(-1, 1)
+    if x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
+                          antialias=x.shape[-1] > size).clamp(-1, 1)
     return x
 
 
@@ -201,6 +201,23 @@ def estimate_rotation(images: torch.Tensor, predicted: list[dict], n_angles: int
     return out
 
 
+def group_spreads(images: torch.Tensor, predicted: list[dict], k: int, shapes: list[str]) -> tuple[list, list]:
+    """Per group of k consecutive samples (one scene's variations, one caption's samples):
+
+    - the RMS distance (32 px pixels) of the judged object centres from their mean;
+    - the circular std (degrees) of `estimate_rotation` over the samples the judge reads as the
+      group's shape `shapes[g]` (another shape's angle lives on another period); NaN where the
+      shape has no rotation or fewer than two samples qualify.
+    """
+    from .shapes import SYMMETRY
+    pos = torch.tensor([[p["objects"][0]["x"], p["objects"][0]["y"]] for p in predicted]).view(-1, k, 2)
+    position = ((pos - pos.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).sqrt() * IMAGE_SIZE).tolist()
+    read_as_named = torch.tensor([p["shape"] == shapes[i // k] for i, p in enumerate(predicted)])
+    rot = torch.where(read_as_named, estimate_rotation(images, predicted), torch.nan).view(-1, k)
+    rotation = [circular_spread(rot[g], SYMMETRY[s]) if SYMMETRY.get(s) else float("nan") for g, s in enumerate(shapes)]
+    return position, rotation
+
+
 def circular_spread(angles: torch.Tensor, order: int) -> float:
     """Circular standard deviation (degrees) of rotations that are only defined modulo 2π/order."""
     a = angles[~torch.isnan(angles)].double() * order
@@ -242,13 +259,7 @@ def variation_study(pipe, judge, data: dict, n_variations: int = 8, eta: float =
     truth = [a for a in data["attributes"] for _ in range(n_variations)]
     shape_ok = torch.tensor([p["shape"] == t["shape"] for p, t in zip(preds, truth)])
     colour_ok = torch.tensor([p["colour"] == t["colour"] for p, t in zip(preds, truth)])
-    pos = torch.tensor([[p["objects"][0]["x"], p["objects"][0]["y"]] for p in preds]).view(n, n_variations, 2)
-    pos_spread = (pos - pos.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).sqrt() * IMAGE_SIZE  # (n,)
-    # another shape's angle lives on another period: only variations read as the scene's shape count
-    rot = estimate_rotation(varied, preds)
-    rot = torch.where(shape_ok, rot, torch.nan).view(n, n_variations)
-    rot_spread = [circular_spread(rot[i], SYMMETRY[a["shape"]]) for i, a in enumerate(data["attributes"])
-                  if SYMMETRY[a["shape"]]]
+    pos_spread, rot_spread = group_spreads(varied, preds, n_variations, [a["shape"] for a in data["attributes"]])
     rot_spread = [r for r in rot_spread if not math.isnan(r)]
     # the estimators on the real scenes: how far a reading is off when nothing varies
     real = judge.predict(data["images"])
@@ -265,7 +276,7 @@ def variation_study(pipe, judge, data: dict, n_variations: int = 8, eta: float =
             "keep_shape": float(shape_ok.float().mean()), "keep_colour": float(colour_ok.float().mean()),
             "keep_both": float((shape_ok & colour_ok).float().mean()),
             "keep_both_per_scene": (shape_ok & colour_ok).float().view(n, n_variations).mean(1).tolist(),
-            "position_spread_px": float(pos_spread.mean()),
+            "position_spread_px": float(np.mean(pos_spread)),
             "rotation_spread_deg": float(np.mean(rot_spread)) if rot_spread else float("nan"),
             "position_error_px": float((read_pos - true_pos).norm(dim=1).mean() * IMAGE_SIZE),
             "rotation_error_deg": float(np.mean(rot_err)) if rot_err else float("nan"),

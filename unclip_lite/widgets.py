@@ -25,7 +25,6 @@ import torch
 from PIL import Image
 
 from . import manipulate
-from .clip import resize_uint8
 from .decoder import IMAGE_SIZE
 from .pipeline import PipelineError, stage_seed
 
@@ -95,14 +94,8 @@ class Explorer:
 
     def _at_size(self, images: torch.Tensor) -> torch.Tensor:
         """Fixed images (the inputs) at the size the decodes come out at, in [-1, 1]."""
-        size = 2 * IMAGE_SIZE if self.upsample.value and self.pipe.upsampler is not None else IMAGE_SIZE
-        if images.dtype == torch.uint8:
-            return resize_uint8(images, size).float().div(127.5).sub(1)
-        x = images.float()
-        if x.shape[-1] != size:
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                                                antialias=x.shape[-1] > size).clamp(-1, 1)
-        return x
+        upsampled = self.upsample.value and self.pipe.upsampler is not None
+        return manipulate.to_model_images(images, 2 * IMAGE_SIZE if upsampled else IMAGE_SIZE)
 
     def update(self) -> torch.Tensor | None:
         t0 = time.perf_counter()
