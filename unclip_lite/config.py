@@ -337,3 +337,24 @@ def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(f"{path}: {va!r} != {vb!r}")
     return out
+
+
+def set_field(cfg, path: str, value):
+    """A copy of `cfg` with the dotted field `path` (e.g. "decoder.train.steps") set to `value`,
+    converted to the field's type (a JSON string is parsed: "[1, 2]" -> (1, 2), "null" -> None)."""
+    head, _, rest = path.partition(".")
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if head not in fields:
+        raise ValueError(f"config {type(cfg).__name__} has no field {head!r}; its fields are {sorted(fields)}")
+    if rest:
+        sub = getattr(cfg, head)
+        if not dataclasses.is_dataclass(sub):
+            raise ValueError(f"config field {head!r} of {type(cfg).__name__} has no sub-fields (asked for {path!r})")
+        return dataclasses.replace(cfg, **{head: set_field(sub, rest, value)})
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            pass  # a plain string
+    hint = typing.get_type_hints(type(cfg))[head]
+    return dataclasses.replace(cfg, **{head: _convert(hint, value, f"{type(cfg).__name__}.{head}")})

@@ -1,0 +1,77 @@
+"""`python -m unclip_lite train STAGE`: train (or load) one stage into an artifacts folder.
+
+The same `ensure_*` calls the notebooks make, so a stage trained here is the one a notebook loads,
+and a notebook run later finds it. `--set` changes any preset field by its dotted path
+(`decoder.train.steps=4000`); the change is part of the stage's stored config, so a later run
+with other settings moves this artifact aside instead of mixing the two.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .config import PRESETS, get_preset, set_field
+
+STAGES = ("judge", "clip", "decoder", "decoder-caption-only", "prior", "ar-prior", "upsampler")
+
+
+def _parser() -> argparse.ArgumentParser:
+    presets = ", ".join(sorted(PRESETS))
+    ap = argparse.ArgumentParser(
+        prog="python -m unclip_lite train",
+        description="Train one stage (and any earlier stage it needs) into an artifacts folder.",
+        epilog=f"stages: {', '.join(STAGES)}; presets: {presets}. Example: python -m unclip_lite train decoder "
+               "--preset course --set decoder.train.steps=4000 --set decoder.train.device=cuda")
+    ap.add_argument("stage", choices=STAGES, help="the stage to train")
+    ap.add_argument("--preset", default="course", choices=sorted(PRESETS), help="the preset (default: course)")
+    ap.add_argument("--artifacts", type=Path, default=Path("build/artifacts"), help="the artifacts folder")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
+                    help="change a preset field, e.g. decoder.train.steps=4000 (repeatable)")
+    ap.add_argument("--retrain", action="store_true", help="train even if a matching artifact exists")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return ap
+
+
+def apply_overrides(preset, overrides: list[str]):
+    """The preset with every "path=value" of `overrides` applied (`config.set_field`)."""
+    for item in overrides:
+        path, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected PATH=VALUE, e.g. decoder.train.steps=4000")
+        try:
+            preset = set_field(preset, path.strip(), value.strip())
+        except ValueError as err:
+            raise SystemExit(f"--set {item!r}: {err}") from None
+    return preset
+
+
+def train_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    preset = apply_overrides(get_preset(args.preset), args.overrides)
+    progress, folder = not args.no_progress, args.artifacts
+    t0 = time.perf_counter()
+    if args.stage == "judge":
+        from .evaluate import ensure_judge
+        trained = ensure_judge(folder, preset, retrain=args.retrain, progress=progress)
+    elif args.stage == "upsampler":
+        from .upsampler import ensure_upsampler
+        trained = ensure_upsampler(folder, preset, retrain=args.retrain, progress=progress)
+    else:
+        from .clip import ensure_clip
+        clip = ensure_clip(folder, preset, retrain=args.retrain and args.stage == "clip", progress=progress)
+        trained = clip
+        if args.stage.startswith("decoder"):
+            from .decoder import ensure_decoder
+            trained = ensure_decoder(folder, preset, clip, caption_only=args.stage == "decoder-caption-only",
+                                     retrain=args.retrain, progress=progress)
+        elif args.stage in ("prior", "ar-prior"):
+            from .prior import ensure_prior
+            trained = ensure_prior(folder, preset, clip, "diffusion" if args.stage == "prior" else "ar",
+                                   retrain=args.retrain, progress=progress)
+    metrics = getattr(trained, "metrics", {}) or {}
+    summary = {"stage": args.stage, "preset": preset.name, "artifacts": str(folder), "seconds": round(time.perf_counter() - t0, 1),
+               "train": {k: metrics.get("train", {}).get(k) for k in ("steps", "wall_s", "samples_per_s", "precision", "device")}}
+    print(json.dumps(summary, indent=1))
+    return 0
