@@ -52,6 +52,7 @@ bench: install
 	$(PY) benchmarks/bench_precision.py
 	$(PY) benchmarks/bench_clip.py
 	$(PY) benchmarks/bench_decoder.py
+	$(PY) benchmarks/bench_samplers.py
 	$(PY) benchmarks/bench_pipeline.py
 	$(PY) benchmarks/bench_widgets.py
 

@@ -136,3 +136,28 @@ def test_the_baseline_drops_its_caption_as_often_as_unclip_drops_z():
              for flag in (False, True)}
     assert abs(float(draws[False].float().mean()) - cfg.p_drop_text) < 0.03
     assert abs(float(draws[True].float().mean()) - cfg.p_drop_z) < 0.03
+
+
+def test_the_reference_decoder_is_offered_only_next_to_its_own_clip(tmp_path, smoke):
+    from unclip_lite.decoder import REFERENCE_DIR, load_reference_decoder
+    assert ckpt.stage_exists(REFERENCE_DIR) and (REFERENCE_DIR / "made_by.json").exists()
+    clip = ensure_clip(tmp_path, smoke, progress=False)  # a smoke CLIP: not the one it was trained against
+    decoder, why = load_reference_decoder(clip)
+    assert decoder is None and "trained against CLIP" in why
+    trained = ensure_decoder(tmp_path, smoke, clip, progress=False, evaluate=None)
+    ours, why = load_reference_decoder(clip, tmp_path / "decoder")  # a decoder next to its own CLIP is offered
+    assert why == "" and ours.cfg == trained.cfg
+    assert load_reference_decoder(clip, tmp_path / "nothing")[0] is None
+
+
+def test_reconstruction_report_reads_with_both_readers(tmp_path, smoke):
+    from unclip_lite.decoder import reconstruction_report
+    from unclip_lite.evaluate import ensure_judge
+    clip = ensure_clip(tmp_path, smoke, progress=False)
+    judge = ensure_judge(tmp_path, smoke, progress=False)
+    trained = ensure_decoder(tmp_path, smoke, clip, progress=False, evaluate=None)
+    out = reconstruction_report(trained, clip, judge, smoke, 6, tmp_path / "cache")
+    for split in ("val", "heldout"):
+        assert set(out["strict"][split]) == {"decoded", "real"}
+        assert out["strict"][split]["real"]["shape"] == 1.0  # the strict reader on real scenes
+        assert 0.0 <= out["reconstruction"][split]["shape"] <= 1.0

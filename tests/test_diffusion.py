@@ -147,3 +147,17 @@ def test_min_snr_weighting_is_the_same_for_every_objective(objective):
     loss = d.training_loss(lambda x, tt: out, x0, t, noise, min_snr_gamma=5.0)
     expected = 0.01 * d.snr(t).clamp(max=5.0)
     assert torch.allclose(loss, expected, rtol=1e-3)
+
+
+def test_training_timestep_sampling():
+    d = GaussianDiffusion.from_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    uniform = d.sample_t(64, torch.Generator().manual_seed(3))
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    strat = d.sample_t(100, g, "stratified")
+    assert sorted((strat // 10).tolist()) == list(range(100))  # exactly one t in each slice of 10 steps
+    lsnr = d.sample_t(4000, g, "logsnr", (1.0, 0.5))
+    log_snr = torch.log(d.snr(lsnr))
+    assert abs(float(log_snr.mean()) - 1.0) < 0.1 and 0.4 < float(log_snr.std()) < 0.6
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        d.sample_t(4, g, "lognormal")

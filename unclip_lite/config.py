@@ -106,11 +106,13 @@ class DecoderConfig:
     objective: str = "v"  # "eps" | "x0" | "v": what the U-Net predicts
     schedule: str = "cosine"  # noise schedule over 1000 steps
     min_snr_gamma: float | None = 5.0  # Min-SNR loss weighting (None: plain MSE on the objective)
+    t_sampling: str = "uniform"  # training timesteps: "uniform" | "stratified" (one per 1/B of [0, 1000)) | "logsnr" (log-SNR ~ normal)
+    t_logsnr: tuple[float, float] = (0.0, 2.0)  # mean and std of the log-SNR when t_sampling == "logsnr"
     n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
     sample_steps: int = 50  # DDIM steps at sampling time (respaced from 1000)
     guidance_scale: float = 3.0  # classifier-free guidance scale at sampling time (1 = none)
     n_eval: int = 256  # val (and held-out) scenes decoded for the metrics
-    compare_steps: tuple[int, ...] = (10, 25, 50, 250)  # DDIM step counts compared in the metrics (DDPM: the largest two)
+    compare_steps: tuple[int, ...] = (10, 25, 50)  # DDIM step counts compared in the metrics (DDPM: the largest two); 250 steps: benchmarks/bench_samplers.py
     n_compare: int = 64  # val scenes in that sampler comparison
     # the caption-only baseline trains the first baseline_steps steps of this schedule, and the unCLIP decoder keeps
     # its weights at that step: notebook 07 compares the two at matched training compute

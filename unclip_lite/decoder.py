@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import geometry
 from .clip import ClipModel, _fingerprint, embedding_cache, resize_uint8
 from .config import DecoderConfig, Preset, from_dict, to_dict
 from .data import rendered
@@ -110,6 +111,7 @@ class DecoderBatches:
     def __init__(self, images: torch.Tensor, cache: dict, cfg: DecoderConfig, seed: int):
         self.images = resize_uint8(images, IMAGE_SIZE)
         self.cache, self.cfg, self.seed = cache, cfg, seed
+        self.diffusion = make_diffusion(cfg)
         # the baseline's caption is its only condition: dropped as often as unCLIP's z_i
         self.p_drop_text = cfg.p_drop_z if cfg.caption_only else cfg.p_drop_text
         if len(self.images) != len(cache["image_emb"]):
@@ -122,7 +124,8 @@ class DecoderBatches:
         rows = self.cache["caption_index"][idx]
         x0 = self.images[idx].float().div(127.5).sub(1)
         return {"x0": x0, "z": self.cache["image_emb"][idx], "states": self.cache["text_states"][rows].float(),
-                "mask": self.cache["text_mask"][rows], "t": torch.randint(0, 1000, (b,), generator=g),
+                "mask": self.cache["text_mask"][rows],
+                "t": self.diffusion.sample_t(b, g, self.cfg.t_sampling, self.cfg.t_logsnr),
                 "noise": torch.randn(x0.shape, generator=g),
                 "drop_z": torch.rand(b, generator=g) < self.cfg.p_drop_z,
                 "drop_text": torch.rand(b, generator=g) < self.p_drop_text}
@@ -262,6 +265,29 @@ def load_decoder(folder: str | Path, preset: Preset | None = None, clip: ClipMod
     return trained
 
 
+REFERENCE_DIR = Path(__file__).resolve().parents[1] / "data" / "reference" / "decoder"
+
+
+def load_reference_decoder(clip: ClipModel, folder: str | Path = REFERENCE_DIR) -> tuple[TrainedDecoder | None, str]:
+    """The reference decoder shipped with the course, if it fits `clip`: (decoder, "") or (None, why not).
+
+    It is the course architecture and recipe trained far longer than a CPU allows, by the
+    project's own command (`folder/made_by.json` holds the command, device and time). A decoder
+    only makes sense next to the CLIP whose z_i it learned to invert, so it is offered only when
+    `clip`'s fingerprint equals the one it was trained against (the course CLIP is deterministic
+    for a seed on a given machine and torch build; elsewhere it differs, and the reason says so).
+    """
+    folder = Path(folder)
+    if not ckpt.stage_exists(folder):
+        return None, f"no reference decoder at {folder}"
+    stored = ckpt.read_json(folder / ckpt.CONFIG)["config"].get("clip_fingerprint")
+    mine = _fingerprint(clip)
+    if stored != mine:
+        return None, (f"the reference decoder was trained against CLIP {stored}; this CLIP is {mine} (trained on "
+                      "another machine or torch build), so its z_i would be foreign to it")
+    return load_decoder(folder), ""
+
+
 def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, caption_only: bool = False,
                    retrain: bool = False, progress: bool = True, evaluate="judge") -> TrainedDecoder:
     """Load the decoder (`decoder` or `decoder_caption_only`), training it if missing or stale.
@@ -303,6 +329,26 @@ def samplers_for(cfg: DecoderConfig) -> list[tuple[str, int, float | None]]:
     return [(f"DDIM {n}", n, 0.0) for n in steps] + [(f"DDPM {n}", n, None) for n in steps[-2:]]
 
 
+def reconstruction_report(trained: TrainedDecoder, clip: ClipModel, judge, preset: Preset, n: int,
+                          cache_dir: str | Path | None = None, seed: int = 0) -> dict:
+    """Decode the true z_i of the first `n` val and held-out scenes (with their captions, default
+    steps and guidance) and read them twice: "reconstruction" by the judge, "strict" (shape and
+    size) by `geometry.strict_accuracy`; "reference" and "strict"[split]["real"] read the real
+    scenes, the ceiling."""
+    from .evaluate import attribute_accuracy
+    out = {"n_eval": n, "steps": trained.cfg.sample_steps, "guidance": trained.cfg.guidance_scale, "seed": seed}
+    t0 = time.perf_counter()
+    for split in ("val", "heldout"):
+        data = rendered(ShapesWorld(split, preset.world), n, cache_dir)
+        images = decode_split(trained, clip, data, seed=seed)
+        out.setdefault("reconstruction", {})[split] = attribute_accuracy(images, data["attributes"], judge)
+        out.setdefault("reference", {})[split] = attribute_accuracy(data["images"], data["attributes"], judge)
+        out.setdefault("strict", {})[split] = {"decoded": geometry.strict_accuracy(images, data["attributes"]),
+                                                "real": geometry.strict_accuracy(data["images"], data["attributes"])}
+    out["reconstruction_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
 def evaluate_decoder(trained: TrainedDecoder, clip: ClipModel, judge, preset: Preset, cache_dir: str | Path | None = None,
                      seed: int = 0, progress: bool = False) -> dict:
     """The decoder's own measurements (paper §2.1, scored by the judge, never by the decoder):
@@ -310,6 +356,8 @@ def evaluate_decoder(trained: TrainedDecoder, clip: ClipModel, judge, preset: Pr
     - "reconstruction": decode the true z_i of `n_eval` val scenes (and of held-out-composition
       scenes) with their captions, at the default steps and guidance, and read the attributes
       back with the judge. "reference" is the judge on the real scenes, the ceiling.
+    - "strict": shape and size of the same decodes (and of the real scenes) by the strict
+      geometric reading (`geometry.strict_accuracy`), which a round blob cannot pass as a square.
     - "samplers": the same on the first `n_compare` val scenes for each sampler of `samplers_for`,
       with the same starting noise for every sampler.
     The caption_only baseline is scored the same way (its z_i is ignored).
@@ -318,14 +366,7 @@ def evaluate_decoder(trained: TrainedDecoder, clip: ClipModel, judge, preset: Pr
 
     from .evaluate import attribute_accuracy
     cfg = trained.cfg
-    out = {"n_eval": cfg.n_eval, "steps": cfg.sample_steps, "guidance": cfg.guidance_scale, "seed": seed}
-    t0 = time.perf_counter()
-    for split in ("val", "heldout"):
-        data = rendered(ShapesWorld(split, preset.world), cfg.n_eval, cache_dir)
-        images = decode_split(trained, clip, data, seed=seed)
-        out.setdefault("reconstruction", {})[split] = attribute_accuracy(images, data["attributes"], judge)
-        out.setdefault("reference", {})[split] = attribute_accuracy(data["images"], data["attributes"], judge)
-    out["reconstruction_s"] = round(time.perf_counter() - t0, 1)
+    out = reconstruction_report(trained, clip, judge, preset, cfg.n_eval, cache_dir, seed)
     val = rendered(ShapesWorld("val", preset.world), cfg.n_compare, cache_dir)
     z = clip.encode_images(val["images"])
     out["samplers"] = {}
@@ -333,5 +374,6 @@ def evaluate_decoder(trained: TrainedDecoder, clip: ClipModel, judge, preset: Pr
         t0 = time.perf_counter()
         images = decode_split(trained, clip, val, steps=steps, eta=eta, seed=seed, z=z)
         out["samplers"][label] = {"steps": steps, "eta": eta, "n": len(z), "seconds": round(time.perf_counter() - t0, 1),
-                                  **attribute_accuracy(images, val["attributes"], judge)}
+                                  **attribute_accuracy(images, val["attributes"], judge),
+                                  "strict_shape": geometry.strict_accuracy(images, val["attributes"])["shape"]}
     return out

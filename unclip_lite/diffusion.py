@@ -105,6 +105,29 @@ class GaussianDiffusion:
         """The timestep the model is told: step t's original timestep, as float."""
         return self.timestep_map.to(t.device)[t].float()
 
+    def sample_t(self, n: int, generator: torch.Generator | None = None, method: str = "uniform",
+                 logsnr: tuple[float, float] = (0.0, 2.0)) -> torch.Tensor:
+        """Training timesteps (n,) long.
+
+        - "uniform": t ~ U{0, ..., T-1} (DDPM);
+        - "stratified": one t from each of n equal slices of [0, T), in random order: the same
+          distribution with less variance across a batch;
+        - "logsnr": log(SNR_t) ~ N(mean, std), mapped to the nearest step (the EDM idea of
+          training where the noise level matters, Karras et al. 2022, in this discrete schedule).
+        """
+        if method == "uniform":
+            return torch.randint(0, self.num_steps, (n,), generator=generator)
+        if method == "stratified":
+            u = (torch.arange(n) + torch.rand(n, generator=generator)) / n
+            t = (u * self.num_steps).long().clamp_max(self.num_steps - 1)
+            return t[torch.randperm(n, generator=generator)]
+        if method == "logsnr":
+            mean, std = logsnr
+            target = mean + std * torch.randn(n, generator=generator, dtype=torch.float64)
+            table = -(self.alphas_cumprod / (1 - self.alphas_cumprod)).log()  # -log SNR, increasing in t
+            return torch.searchsorted(table, -target).clamp_max(self.num_steps - 1)
+        raise ValueError(f"unknown timestep sampling {method!r}; choose 'uniform', 'stratified' or 'logsnr'")
+
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """Signal-to-noise ratio abar_t / (1 - abar_t) at steps t, float32 (B,)."""
         ab = self.alphas_cumprod.to(t.device)[t]

@@ -187,11 +187,16 @@ def evaluate_pipeline(pipe: UnCLIP, judge, captions: list[str], prior: str = "di
                       progress: bool = False, **generate_kwargs) -> dict:
     """Generate one image per caption and let the judge read it against what the caption names.
 
-    Returns {"accuracy": per-attribute accuracy and "joint" (every named shape, colour and size
-    right at once), "joint_hits": per-caption 0/1 (for bootstrap intervals), "images": (N, 3, H, W)}.
+    Returns {"accuracy": per-attribute accuracy, "joint" (every named shape, colour and size right
+    at once) and "strict_shape" (shape by `geometry.strict_accuracy`), "joint_hits": per-caption
+    0/1 (for bootstrap intervals), "images": (N, 3, H, W)}.
     """
+    from . import geometry
     from .evaluate import accuracy_from_hits, caption_hits
+    from .shapes import parse_caption
 
     images = pipe.generate(captions, prior=prior, seed=seed, progress=progress, **generate_kwargs)
     hits = caption_hits(images, captions, judge)
-    return {"accuracy": accuracy_from_hits(hits), "joint_hits": hits["joint"].float(), "images": images}
+    strict = geometry.strict_accuracy(images, [parse_caption(c) for c in captions])
+    return {"accuracy": {**accuracy_from_hits(hits), "strict_shape": strict["shape"]},
+            "joint_hits": hits["joint"].float(), "images": images}

@@ -84,3 +84,54 @@ def scatter_by(points, labels: list[str], ax=None, title: str = "", palette: dic
     ax.set_yticks([])
     ax.legend(fontsize=6, markerscale=2, loc="best")
     return ax
+
+
+def learning_curves(runs: list[dict], keys=(("judge_shape", "judge"), ("strict_shape", "strict reading")),
+                    highlight: tuple[str, ...] = (), ax=None):
+    """Shape accuracy against training CPU-minutes, one line per recipe run (benchmarks/decoder_recipes.py
+    results: {"variant", "curve": [{"cpu_minutes", key: value}, ...]}); solid: the judge, dashed: the
+    strict reading. Runs named in `highlight` are drawn thick."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    cmap = plt.get_cmap("tab10")
+    for k, run in enumerate(runs):
+        x = [0.0] + [p["cpu_minutes"] for p in run["curve"]]
+        for (key, label), style in zip(keys, ("-o", "--s")):
+            y = [0.0] + [p[key] for p in run["curve"]]
+            ax.plot(x, y, style, color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, markersize=3,
+                    label=f"{run['variant']} ({label})")
+    ax.set_xlabel("training time (CPU minutes on the day measured)")
+    ax.set_ylabel("decoded val z_i: shape accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    return ax
+
+
+def shape_vs_images(runs: list[dict], points: dict[str, tuple[int, float, float]], ax=None):
+    """Shape accuracy against training images seen (log scale): the recipe runs' learning curves
+    (judge solid, strict reading dashed) and labelled points {name: (images, judge, strict)}, e.g.
+    the course decoder and the reference decoder."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4))
+    for k, run in enumerate(runs):
+        x = [p["step"] * run["batch_size"] for p in run["curve"]]
+        ax.plot(x, [p["judge_shape"] for p in run["curve"]], "-", color="0.6", lw=1)
+        ax.plot(x, [p["strict_shape"] for p in run["curve"]], "--", color="0.6", lw=1)
+    for k, (name, (images, judge, strict)) in enumerate(points.items()):
+        colour = plt.get_cmap("tab10")(k)
+        ax.plot([images], [judge], "o", color=colour, label=f"{name}: judge")
+        ax.plot([images], [strict], "s", color=colour, mfc="none", label=f"{name}: strict reading")
+    ax.plot([], [], "-", color="0.6", label="recipe runs (grey): judge solid, strict dashed")
+    ax.set_xscale("log")
+    ax.set_xlabel("training images seen")
+    ax.set_ylabel("decoded val z_i: shape accuracy")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper left")
+    return ax
+
