@@ -23,7 +23,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -39,9 +38,8 @@ from unclip_lite.config import get_preset  # noqa: E402
 from unclip_lite.data import rendered  # noqa: E402
 from unclip_lite.decoder import (IMAGE_SIZE, Decoder, DecoderBatches, TrainedDecoder, decoder_loss,  # noqa: E402
                                  make_diffusion, texts_for)
-from unclip_lite.diffusion import guided  # noqa: E402
 from unclip_lite.evaluate import attribute_accuracy, ensure_judge  # noqa: E402
-from unclip_lite.runtime import autocast, seed_everything  # noqa: E402
+from unclip_lite.runtime import seed_everything  # noqa: E402
 from unclip_lite.shapes import ShapesWorld  # noqa: E402
 from unclip_lite.checkpoint import load_tensors  # noqa: E402
 from unclip_lite.train import snapshot_path, train  # noqa: E402
