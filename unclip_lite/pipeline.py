@@ -16,9 +16,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import geometry
 from .config import diff as config_diff
 from .clip import ClipModel, _fingerprint, load_clip_stage
 from .decoder import IMAGE_SIZE, TrainedDecoder, load_decoder, texts_for
+from .shapes import parse_caption
 
 PRIOR_KINDS = ("diffusion", "ar")
 
@@ -191,9 +193,7 @@ def evaluate_pipeline(pipe: UnCLIP, judge, captions: list[str], prior: str = "di
     at once) and "strict_shape" (shape by `geometry.strict_accuracy`), "joint_hits": per-caption
     0/1 (for bootstrap intervals), "images": (N, 3, H, W)}.
     """
-    from . import geometry
     from .evaluate import accuracy_from_hits, caption_hits
-    from .shapes import parse_caption
 
     images = pipe.generate(captions, prior=prior, seed=seed, progress=progress, **generate_kwargs)
     hits = caption_hits(images, captions, judge)

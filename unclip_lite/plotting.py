@@ -97,11 +97,12 @@ def learning_curves(runs: list[dict], keys=(("judge_shape", "judge"), ("strict_s
         _, ax = plt.subplots(figsize=(7, 4))
     cmap = plt.get_cmap("tab10")
     for k, run in enumerate(runs):
-        x = [0.0] + [p["cpu_minutes"] for p in run["curve"]]
+        x = [p["cpu_minutes"] for p in run["curve"]]
         for (key, label), style in zip(keys, ("-o", "--s")):
-            y = [0.0] + [p[key] for p in run["curve"]]
+            y = [p[key] for p in run["curve"]]
             ax.plot(x, y, style, color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, markersize=3,
                     label=f"{run['variant']} ({label})")
+    ax.axhline(1 / 6, color="0.5", lw=0.8, ls=":", label="chance (6 shapes)")
     ax.set_xlabel("training time (CPU minutes on the day measured)")
     ax.set_ylabel("decoded val z_i: shape accuracy")
     ax.set_ylim(0, 1)
@@ -118,7 +119,7 @@ def shape_vs_images(runs: list[dict], points: dict[str, tuple[int, float, float]
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    for k, run in enumerate(runs):
+    for run in runs:
         x = [p["step"] * run["batch_size"] for p in run["curve"]]
         ax.plot(x, [p["judge_shape"] for p in run["curve"]], "-", color="0.6", lw=1)
         ax.plot(x, [p["strict_shape"] for p in run["curve"]], "--", color="0.6", lw=1)
