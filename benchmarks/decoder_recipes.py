@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from unclip_lite import geometry  # noqa: E402
 from unclip_lite.clip import embedding_cache, ensure_clip  # noqa: E402
-from unclip_lite.config import get_preset  # noqa: E402
+from unclip_lite.config import get_preset, set_field  # noqa: E402
 from unclip_lite.data import rendered  # noqa: E402
-from unclip_lite.decoder import (IMAGE_SIZE, Decoder, DecoderBatches, TrainedDecoder, decoder_loss,  # noqa: E402
-                                 make_diffusion, texts_for)
+from unclip_lite.decoder import (IMAGE_SIZE, Decoder, DecoderBatches, TrainedDecoder, decode_split,  # noqa: E402
+                                 decoder_loss, make_diffusion, texts_for)
 from unclip_lite.evaluate import attribute_accuracy, ensure_judge  # noqa: E402
 from unclip_lite.runtime import seed_everything  # noqa: E402
 from unclip_lite.shapes import ShapesWorld  # noqa: E402
@@ -64,16 +64,6 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def set_path(cfg, path: str, value):
-    """cfg with the dotted field `path` (e.g. "train.lr") set to `value`, copied."""
-    head, _, rest = path.partition(".")
-    if not any(f.name == head for f in dataclasses.fields(cfg)):
-        raise SystemExit(f"unknown config field {head!r} in {type(cfg).__name__}")
-    if rest:
-        return dataclasses.replace(cfg, **{head: set_path(getattr(cfg, head), rest, value)})
-    return dataclasses.replace(cfg, **{head: value})
-
-
 class RotationLimited(ShapesWorld):
     """The train split with every object's rotation scaled into `spread` of its symmetry period."""
 
@@ -90,18 +80,19 @@ class RotationLimited(ShapesWorld):
 
 def decode(trained: TrainedDecoder, clip, data: dict, z: torch.Tensor, steps: int, guidance: float,
            weak: TrainedDecoder | None = None, seed: int = 0) -> torch.Tensor:
-    """Decode z_i with the captions; `weak` given: autoguidance (weak + s * (strong - weak))."""
+    """Decode z_i with the captions (`decode_split`'s noise for `seed`); `weak` given: autoguidance,
+    the strong model guided by the weak one (weak + s * (strong - weak)) instead of by its own
+    unconditional output."""
+    if weak is None:
+        return decode_split(trained, clip, data, steps=steps, guidance=guidance, seed=seed, z=z)
     states, mask = texts_for(clip, data["captions"], trained.text_length)
     noise = torch.randn(len(z), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
-    if weak is None:
-        return trained.sample(z, states, mask, steps=steps, guidance=guidance, noise=noise)
-    diffusion = trained.diffusion.respaced(steps)
     strong_fn, weak_fn = trained.model_fn(z, states, mask, 1.0), weak.model_fn(z, states, mask, 1.0)
 
     def fn(x, t):
         w = weak_fn(x, t)
         return w + guidance * (strong_fn(x, t) - w)
-    return diffusion.sample(fn, noise, eta=0.0)
+    return trained.diffusion.respaced(steps).sample(fn, noise, eta=0.0)
 
 
 def score(images: torch.Tensor, data: dict, judge) -> dict:
@@ -120,7 +111,7 @@ def run(variant: str, seconds: float, points: tuple[float, ...], artifacts: Path
     judge = ensure_judge(artifacts, preset, progress=False)
     cfg = preset.decoder
     for path, value in overrides.items():
-        cfg = set_path(cfg, path, value)
+        cfg = set_field(cfg, path, value)
     cache_dir = artifacts / "cache"
     world = ShapesWorld("train", preset.world)
     if spread is not None:
@@ -209,7 +200,7 @@ def rescore(variant: str, artifacts: Path) -> None:
     cfg = preset.decoder
     for key, value in VARIANTS[variant].items():
         if not key.startswith("_"):
-            cfg = set_path(cfg, key, tuple(value) if isinstance(value, list) else value)
+            cfg = set_field(cfg, key, value)
     seed_everything(cfg.train.seed)
     model = Decoder(cfg, clip.embed_dim, clip.width)
     snaps = tuple(p["step"] for p in result["curve"])
