@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from unclip_lite.clip import attention_backend, load_clip, MultiPositiveClipLoss
+from unclip_lite.runtime import attention_backend
+from unclip_lite.clip_model import load_clip
+from unclip_lite.clip import MultiPositiveClipLoss
 from unclip_lite.config import get_preset
 from unclip_lite.runtime import autocast
 

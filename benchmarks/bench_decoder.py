@@ -88,7 +88,7 @@ def dalle2_speed(target_params: int) -> dict:
 
 def our_speed() -> dict:
     import torch
-    from unclip_lite.clip import attention_backend
+    from unclip_lite.runtime import attention_backend
     from unclip_lite.config import get_preset
     from unclip_lite.decoder import Decoder
     from unclip_lite.runtime import autocast

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from unclip_lite.evaluate import HEADS, Judge, judge_loss
+from unclip_lite.judge import HEADS, Judge, judge_loss
 from unclip_lite.runtime import autocast, cpu_has_fast_bf16
 
 OUT = Path(__file__).resolve().parents[1] / "build" / "bench"

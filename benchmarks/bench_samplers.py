@@ -22,7 +22,7 @@ from unclip_lite.clip import load_clip_stage
 from unclip_lite.config import get_preset
 from unclip_lite.data import rendered
 from unclip_lite.decoder import decode_split, load_decoder
-from unclip_lite.evaluate import attribute_accuracy, load_judge
+from unclip_lite.judge import attribute_accuracy, load_judge
 from unclip_lite.shapes import ShapesWorld
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -36,9 +36,9 @@ from unclip_lite import geometry  # noqa: E402
 from unclip_lite.clip import embedding_cache, ensure_clip  # noqa: E402
 from unclip_lite.config import get_preset, set_field  # noqa: E402
 from unclip_lite.data import rendered  # noqa: E402
-from unclip_lite.decoder import (IMAGE_SIZE, Decoder, DecoderBatches, TrainedDecoder, decode_split,  # noqa: E402
-                                 decoder_loss, make_diffusion, texts_for)
-from unclip_lite.evaluate import attribute_accuracy, ensure_judge  # noqa: E402
+from unclip_lite.images import IMAGE_SIZE
+from unclip_lite.decoder import decode_split, Decoder, decoder_loss, DecoderBatches, make_diffusion, texts_for, TrainedDecoder
+from unclip_lite.judge import attribute_accuracy, ensure_judge  # noqa: E402
 from unclip_lite.runtime import seed_everything  # noqa: E402
 from unclip_lite.shapes import ShapesWorld  # noqa: E402
 from unclip_lite.checkpoint import load_tensors  # noqa: E402

@@ -24,7 +24,7 @@ def smoke_artifacts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("artifacts")
     smoke = get_preset("smoke")
     clip = ensure_clip(folder, smoke, progress=False)
-    ensure_decoder(folder, smoke, clip, progress=False, evaluate=None)
+    ensure_decoder(folder, smoke, clip, progress=False)
     for kind in ("diffusion", "ar"):
         ensure_prior(folder, smoke, clip, kind=kind, progress=False)
     ensure_upsampler(folder, smoke, progress=False)

@@ -86,7 +86,7 @@ def lab(tmp_path, smoke_artifacts):
     import papermill as pm
 
     from unclip_lite.config import get_preset
-    from unclip_lite.evaluate import ensure_judge
+    from unclip_lite.judge import ensure_judge
     ensure_judge(smoke_artifacts, get_preset("smoke"), progress=False)  # the rest of the stages are in the fixture
     work = tmp_path / "lab"
     work.mkdir()

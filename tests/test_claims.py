@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from unclip_lite import evaluate as ev
-from unclip_lite.evaluate import HEADS, encode_labels
+from unclip_lite.judge import HEADS, caption_hits, encode_labels
+from unclip_lite.stats import direction, frechet_ci, frechet_in_basis, paired_difference, paired_frechet, pca_basis, summarise
+from unclip_lite.studies.claims import (binding_report, coarse_first, components_needed, diversity, pca_probe, sample_system,
+                                        system_report)
 
 
 class ScriptedJudge:
@@ -18,7 +20,7 @@ class ScriptedJudge:
         self.feats = features if features is not None else torch.zeros(len(readings), 4)
         self.pos = pos if pos is not None else torch.full((len(readings), 2), 0.5)
 
-    def _run(self, images):
+    def outputs(self, images):
         labels = encode_labels(self.readings)
         out = {h: torch.nn.functional.one_hot(labels[h].clamp_min(0), len(v)).float() for h, v in HEADS.items()}
         return {**out, "features": self.feats, "pos": self.pos}
@@ -45,12 +47,12 @@ def test_binding_report_scores_each_object_and_counts_colour_swaps():
     readings = [_two("red", "circle", "blue", "square"),   # right
                 _two("blue", "circle", "red", "square"),   # colours bound to the wrong objects
                 _two("red", "circle", "blue", "star")]     # second object's shape wrong
-    r = ev.binding_report(torch.zeros(3, 3, 32, 32), captions, ScriptedJudge(readings))
+    r = binding_report(torch.zeros(3, 3, 32, 32), captions, ScriptedJudge(readings))
     assert r["object1"] == [1.0, 0.0, 1.0] and r["object2"] == [1.0, 0.0, 0.0]
     assert r["both"] == [1.0, 0.0, 0.0] and r["swapped"] == [0.0, 1.0, 0.0]
     assert r["colours_bound"] == [1.0, 0.0, 1.0]
     with pytest.raises(ValueError, match="two-object captions"):
-        ev.binding_report(torch.zeros(1, 3, 32, 32), ["a red circle"], ScriptedJudge(readings[:1]))
+        binding_report(torch.zeros(1, 3, 32, 32), ["a red circle"], ScriptedJudge(readings[:1]))
 
 
 def test_diversity_is_zero_for_identical_samples_and_grows_with_spread():
@@ -59,35 +61,35 @@ def test_diversity_is_zero_for_identical_samples_and_grows_with_spread():
     pos = torch.cat([torch.full((k, 2), 0.5), torch.tensor([[0.25, 0.5], [0.75, 0.5], [0.5, 0.25], [0.5, 0.75]])])
     judge = ScriptedJudge([{"count": 1, "objects": [{"shape": "circle", "colour": "red", "size": "small"}]}] * 2 * k,
                           features=feats, pos=pos)
-    d = ev.diversity(torch.zeros(2 * k, 3, 32, 32), judge, k)
+    d = diversity(torch.zeros(2 * k, 3, 32, 32), judge, k)
     assert d["feature"][0] == 0 and d["feature"][1] > 0
     assert d["position_px"][0] == 0 and abs(d["position_px"][1] - 8.0) < 1e-4  # 0.25 of 32 px from the mean
     with pytest.raises(ValueError, match="groups of k"):
-        ev.diversity(torch.zeros(5, 3, 32, 32), judge, 2)
+        diversity(torch.zeros(5, 3, 32, 32), judge, 2)
 
 
 def test_direction_and_paired_difference():
-    assert ev.direction((0.1, 0.02, 0.2), "+") == "reproduced"
-    assert ev.direction((0.1, 0.02, 0.2), "-") == "reversed"
-    assert ev.direction((-0.1, -0.2, -0.01), "-") == "reproduced"
-    assert ev.direction((0.01, -0.05, 0.07), "+") == "not resolved"
-    assert ev.direction((float("nan"),) * 3, "+") == "not measured"
+    assert direction((0.1, 0.02, 0.2), "+") == "reproduced"
+    assert direction((0.1, 0.02, 0.2), "-") == "reversed"
+    assert direction((-0.1, -0.2, -0.01), "-") == "reproduced"
+    assert direction((0.01, -0.05, 0.07), "+") == "not resolved"
+    assert direction((float("nan"),) * 3, "+") == "not measured"
     a = [1.0, 2.0, float("nan")] + [4.0] * 10
-    d = ev.paired_difference(a, [0.0, 1.0, 5.0] + [3.0] * 10)
+    d = paired_difference(a, [0.0, 1.0, 5.0] + [3.0] * 10)
     assert d[0] == 1.0 and d[1] == 1.0 and d[2] == 1.0  # the NaN pair is left out
-    assert ev.direction(ev.paired_difference(a[:4], [0.0] * 4), "+") == "not measured"  # 3 pairs: no verdict
-    assert math.isnan(ev.summarise([float("nan")])[0])
+    assert direction(paired_difference(a[:4], [0.0] * 4), "+") == "not measured"  # 3 pairs: no verdict
+    assert math.isnan(summarise([float("nan")])[0])
 
 
 def test_frechet_in_a_pca_basis():
     g = torch.Generator().manual_seed(0)
     real = torch.randn(400, 32, generator=g)
-    basis = ev.pca_basis(real, 8)
+    basis = pca_basis(real, 8)
     assert basis[1].shape == (32, 8)
-    same = ev.frechet_in_basis(torch.randn(400, 32, generator=g), real, basis)
-    shifted = ev.frechet_in_basis(torch.randn(400, 32, generator=g) + 1.0, real, basis)
+    same = frechet_in_basis(torch.randn(400, 32, generator=g), real, basis)
+    shifted = frechet_in_basis(torch.randn(400, 32, generator=g) + 1.0, real, basis)
     assert same < 0.5 < shifted
-    fd, low, high = ev.frechet_ci(torch.randn(100, 32, generator=g) + 1.0, real, basis, n_boot=50, k=4)
+    fd, low, high = frechet_ci(torch.randn(100, 32, generator=g) + 1.0, real, basis, n_boot=50, k=4)
     assert low < high and fd > 2.0  # a band around a clearly nonzero distance (its small-n bias: see the docstring)
 
 
@@ -95,27 +97,27 @@ def test_frechet_in_a_pca_basis():
 def test_systems_and_pca_probe_on_the_smoke_pipeline(smoke_pipe, smoke_artifacts):
     from unclip_lite.config import get_preset
     from unclip_lite.data import rendered
-    from unclip_lite.evaluate import ensure_judge
+    from unclip_lite.judge import ensure_judge
     from unclip_lite.shapes import ShapesWorld
     judge = ensure_judge(smoke_artifacts, get_preset("smoke"), progress=False)
     caps = ["a small red circle", "a big blue star"]
-    a = ev.sample_system(smoke_pipe, smoke_pipe.decoder, caps, "prior", steps=2, seed=1)
+    a = sample_system(smoke_pipe, smoke_pipe.decoder, caps, "prior", steps=2, seed=1)
     assert a.shape == (2, 3, 32, 32)
-    assert torch.equal(a, ev.sample_system(smoke_pipe, smoke_pipe.decoder, caps, "prior", steps=2, seed=1))
-    b = ev.sample_system(smoke_pipe, smoke_pipe.decoder, caps, "caption", steps=2, seed=1)
-    c = ev.sample_system(smoke_pipe, smoke_pipe.decoder, caps, "text", steps=2, seed=1)
+    assert torch.equal(a, sample_system(smoke_pipe, smoke_pipe.decoder, caps, "prior", steps=2, seed=1))
+    b = sample_system(smoke_pipe, smoke_pipe.decoder, caps, "caption", steps=2, seed=1)
+    c = sample_system(smoke_pipe, smoke_pipe.decoder, caps, "text", steps=2, seed=1)
     assert not torch.equal(a, b) and not torch.equal(a, c)
     with pytest.raises(ValueError, match="condition must be"):
-        ev.sample_system(smoke_pipe, smoke_pipe.decoder, caps, "image")
+        sample_system(smoke_pipe, smoke_pipe.decoder, caps, "image")
     images = a.repeat_interleave(2, 0)  # each caption's two samples in a row
-    report = ev.system_report(images, [caps[0], caps[0], caps[1], caps[1]], judge, k=2)
+    report = system_report(images, [caps[0], caps[0], caps[1], caps[1]], judge, k=2)
     assert len(report["fidelity"]) == 2 and len(report["diversity_feature"]) == 2  # per caption
-    hits = ev.caption_hits(images, [caps[0], caps[0], caps[1], caps[1]], judge)["joint"].float()
+    hits = caption_hits(images, [caps[0], caps[0], caps[1], caps[1]], judge)["joint"].float()
     assert report["fidelity"] == hits.view(2, 2).mean(1).tolist()
     assert report["diversity_feature"] == [0.0, 0.0]  # identical samples: no spread
     data = rendered(ShapesWorld("val", get_preset("smoke").world), 6)
     z_train = smoke_pipe.clip.encode_images(rendered(ShapesWorld("train", get_preset("smoke").world), 64)["images"])
-    probe = ev.pca_probe(smoke_pipe, smoke_pipe.decoder, judge, z_train, data, ks=(1, 4, 1000), steps=2)
+    probe = pca_probe(smoke_pipe, smoke_pipe.decoder, judge, z_train, data, ks=(1, 4, 1000), steps=2)
     assert probe["ks"] == [1, 4, smoke_pipe.clip.embed_dim] and abs(probe["explained"][-1] - 1) < 1e-6
     assert probe["full"] == probe["accuracy"][-1]
     assert np.all(np.diff(probe["explained"]) >= 0) and set(probe["accuracy"][0]) >= {"shape", "colour", "joint"}
@@ -124,14 +126,14 @@ def test_systems_and_pca_probe_on_the_smoke_pipeline(smoke_pipe, smoke_artifacts
 def test_paired_frechet_resamples_captions_together():
     g = torch.Generator().manual_seed(1)
     real = torch.randn(300, 16, generator=g)
-    basis = ev.pca_basis(real, 8)
+    basis = pca_basis(real, 8)
     near, far = torch.randn(120, 16, generator=g), torch.randn(120, 16, generator=g) + 1.5
-    d = ev.paired_frechet([far], [near], real, basis, k=4, n_boot=60)
+    d = paired_frechet([far], [near], real, basis, k=4, n_boot=60)
     assert d[1] > 0 and d[0] > 0  # far is further from real than near, and the interval says so
-    same = ev.paired_frechet([near], [near], real, basis, k=4, n_boot=20)
+    same = paired_frechet([near], [near], real, basis, k=4, n_boot=20)
     assert same == (0.0, 0.0, 0.0)  # a set against itself: zero in every resample
     with pytest.raises(ValueError, match="multiple of k"):
-        ev.paired_frechet([near[:10]], [near[:10]], real, basis, k=4)
+        paired_frechet([near[:10]], [near[:10]], real, basis, k=4)
 
 
 def test_components_needed_and_the_coarse_first_verdict():
@@ -139,11 +141,11 @@ def test_components_needed_and_the_coarse_first_verdict():
             {"background": 1.0, "colour": 0.92, "shape": 0.3, "size": 0.5},
             {"background": 1.0, "colour": 0.95, "shape": 0.9, "size": 0.8}]
     probe = {"ks": [1, 4, 16], "accuracy": accs, "full": accs[-1]}
-    needed = ev.components_needed(probe)
+    needed = components_needed(probe)
     assert needed == {"background": 1, "colour": 4, "size": 16, "shape": 16}
     # near-chance accuracy does not "arrive": shape at chance (1/6) everywhere never does
     flat = [dict(a, shape=1 / 6) for a in accs]
-    assert ev.components_needed({"ks": [1, 4, 16], "accuracy": flat, "full": flat[-1]})["shape"] is None
-    assert ev.coarse_first(needed) == "reproduced"
-    assert ev.coarse_first({"background": 16, "colour": 16, "shape": 4, "size": 1}) == "reversed"
-    assert ev.coarse_first({"background": 16, "colour": 16, "shape": 8, "size": 16}) == "not resolved"
+    assert components_needed({"ks": [1, 4, 16], "accuracy": flat, "full": flat[-1]})["shape"] is None
+    assert coarse_first(needed) == "reproduced"
+    assert coarse_first({"background": 16, "colour": 16, "shape": 4, "size": 1}) == "reversed"
+    assert coarse_first({"background": 16, "colour": 16, "shape": 8, "size": 16}) == "not resolved"

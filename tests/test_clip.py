@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from unclip_lite import checkpoint as ckpt
-from unclip_lite.clip import (OUR_MODELS, ClipBatches, ClipModel, MultiPositiveClipLoss, embedding_cache,
-                              encode_text_with_states, ensure_clip, linear_probe, load_clip, load_clip_stage,
-                              modality_gap, prompts_for, register_models, retrieval, zero_shot)
+from unclip_lite.clip_model import ClipModel, encode_text_with_states, load_clip, OUR_MODELS, register_models
+from unclip_lite.clip import ClipBatches, embedding_cache, ensure_clip, load_clip_stage, modality_gap, MultiPositiveClipLoss, prompts_for, retrieval, zero_shot
+from unclip_lite.stats import linear_probe
 from unclip_lite.data import rendered
 from unclip_lite.shapes import (BACKGROUNDS, COLOURS, PROMPT_ATTRIBUTES, SHAPES, SIZES, ShapesWorld,
                                 caption_codes, caption_matches, match_matrix, parse_caption, partial_caption,

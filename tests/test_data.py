@@ -1,15 +1,16 @@
 import json
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import ROOT
 from unclip_lite.config import WorldConfig
-from unclip_lite.data import CaptionFolder, DataError, rendered, to_tensor, to_uint8
+from unclip_lite.data import CaptionFolder, DataError, rendered
+from unclip_lite.images import to_float, to_numpy_hwc
 from unclip_lite.shapes import ShapesWorld
 
 EXAMPLE = ROOT / "data" / "example"
@@ -122,6 +123,6 @@ def test_rendered_cache_round_trips(tmp_path):
 
 def test_tensor_conversions_round_trip():
     img = np.stack([ShapesWorld("val")[i].image for i in range(3)])
-    x = to_tensor(img)
+    x = to_float(torch.from_numpy(img).permute(0, 3, 1, 2))
     assert x.shape == (3, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
-    assert (to_uint8(x) == img).all()
+    assert (to_numpy_hwc(x) == img).all()

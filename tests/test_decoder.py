@@ -7,6 +7,7 @@ from unclip_lite import checkpoint as ckpt
 from unclip_lite.clip import ensure_clip
 from unclip_lite.config import DecoderConfig
 from unclip_lite.decoder import Decoder, DecoderBatches, ensure_decoder, load_decoder, texts_for
+from unclip_lite.judge import ensure_judge
 from unclip_lite.unet import UNet
 
 CFG = DecoderConfig(base_channels=16, channel_mults=(1, 2), attention_levels=(1,), context_dim=32)
@@ -72,7 +73,9 @@ def test_caption_only_is_the_same_code_without_z():
 
 def test_smoke_decoder_trains_samples_inverts_and_reloads(tmp_path, smoke):
     clip = ensure_clip(tmp_path, smoke, progress=False)
-    trained = ensure_decoder(tmp_path, smoke, clip, progress=False)
+    judge = ensure_judge(tmp_path, smoke, progress=False)
+    trained = ensure_decoder(tmp_path, smoke, clip, judge, progress=False)  # measures itself with the judge
+    assert {"reconstruction", "strict", "samplers"} <= set(trained.metrics), list(trained.metrics)
     folder = tmp_path / "decoder"
     assert ckpt.stage_exists(folder) and not (folder / "train_state.safetensors").exists()
     states, mask = texts_for(clip, ["a red circle", "a big blue star on stripes"], trained.text_length)
@@ -144,7 +147,7 @@ def test_the_reference_decoder_is_offered_only_next_to_its_own_clip(tmp_path, sm
     clip = ensure_clip(tmp_path, smoke, progress=False)  # a smoke CLIP: not the one it was trained against
     decoder, why = load_reference_decoder(clip)
     assert decoder is None and "trained against CLIP" in why
-    trained = ensure_decoder(tmp_path, smoke, clip, progress=False, evaluate=None)
+    trained = ensure_decoder(tmp_path, smoke, clip, progress=False)
     ours, why = load_reference_decoder(clip, tmp_path / "decoder")  # a decoder next to its own CLIP is offered
     assert why == "" and ours.cfg == trained.cfg
     assert load_reference_decoder(clip, tmp_path / "nothing")[0] is None
@@ -152,10 +155,9 @@ def test_the_reference_decoder_is_offered_only_next_to_its_own_clip(tmp_path, sm
 
 def test_reconstruction_report_reads_with_both_readers(tmp_path, smoke):
     from unclip_lite.decoder import reconstruction_report
-    from unclip_lite.evaluate import ensure_judge
     clip = ensure_clip(tmp_path, smoke, progress=False)
     judge = ensure_judge(tmp_path, smoke, progress=False)
-    trained = ensure_decoder(tmp_path, smoke, clip, progress=False, evaluate=None)
+    trained = ensure_decoder(tmp_path, smoke, clip, progress=False)
     out = reconstruction_report(trained, clip, judge, smoke, 6, tmp_path / "cache")
     for split in ("val", "heldout"):
         assert set(out["strict"][split]) == {"decoded", "real"}

@@ -4,8 +4,9 @@ import torch
 
 from unclip_lite import checkpoint as ckpt
 from unclip_lite.data import rendered
-from unclip_lite.evaluate import (HEADS, IGNORE, Judge, TrainedJudge, attribute_accuracy, degrade,
-                                  encode_labels, ensure_judge, frechet_distance, load_judge)
+from unclip_lite.judge import attribute_accuracy, encode_labels, ensure_judge, HEADS, IGNORE, Judge, load_judge, TrainedJudge
+from unclip_lite.images import degrade
+from unclip_lite.stats import frechet_distance
 from unclip_lite.shapes import ShapesWorld, parse_caption
 
 
@@ -94,7 +95,7 @@ def test_judge_accepts_stacked_shapesworld_images():
 
 def test_attribute_accuracy_scores_only_named_attributes():
     class Fixed(TrainedJudge):  # a judge that always says "large red circle, one object, black"
-        def _run(self, images, batch_size=256):
+        def outputs(self, images, batch_size=256):
             n = len(images)
             out = {h: torch.zeros(n, len(v)) for h, v in HEADS.items()}
             for h, v in (("shape", "circle"), ("colour", "red"), ("size", "large"), ("background", "black"), ("count", "1")):
@@ -110,10 +111,10 @@ def test_attribute_accuracy_scores_only_named_attributes():
 
 
 def test_attribute_hits_score_only_what_each_entry_names():
-    from unclip_lite.evaluate import HEADS, accuracy_from_hits, attribute_hits
+    from unclip_lite.judge import accuracy_from_hits, attribute_hits, HEADS
 
     class StubJudge:  # reads every image as a small red circle on black, one object
-        def _run(self, images):
+        def outputs(self, images):
             out = {h: torch.full((len(images), len(v)), -10.0) for h, v in HEADS.items()}
             for h, value in {"shape": "circle", "colour": "red", "size": "small", "background": "black", "count": "1"}.items():
                 out[h][:, HEADS[h].index(value)] = 10.0

@@ -4,10 +4,10 @@ import math
 import torch
 
 from unclip_lite import geometry
-from unclip_lite.clip import resize_uint8
+from unclip_lite.images import resize_uint8
 from unclip_lite.config import WorldConfig
 from unclip_lite.data import rendered
-from unclip_lite.evaluate import gaussian_blur
+from unclip_lite.images import gaussian_blur
 from unclip_lite.shapes import SHAPES, ShapesWorld, parse_caption, render
 
 

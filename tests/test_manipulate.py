@@ -36,7 +36,7 @@ def _truth_as_reading(attrs: dict) -> dict:
 
 
 def test_rotation_estimate_recovers_rendered_rotations():
-    from unclip_lite.manipulate import estimate_rotation
+    from unclip_lite.geometry import estimate_rotation
     from unclip_lite.shapes import SYMMETRY, ShapesWorld
     from unclip_lite.config import WorldConfig
     world = ShapesWorld("val", WorldConfig(p_two_objects=0.0), length=40)
@@ -59,7 +59,7 @@ def test_rotation_estimate_recovers_rendered_rotations():
 
 
 def test_circular_spread_respects_the_symmetry_period():
-    from unclip_lite.manipulate import circular_spread
+    from unclip_lite.geometry import circular_spread
     same = torch.full((8,), 0.3)
     assert circular_spread(same, 4) < 1e-3
     # a square at 1 and 89 degrees is nearly the same square: a small spread, not 44 degrees
@@ -71,7 +71,8 @@ def test_circular_spread_respects_the_symmetry_period():
 
 
 def test_edit_captions_and_psnr():
-    from unclip_lite.manipulate import edit_captions, psnr
+    from unclip_lite.studies.latents import edit_captions
+    from unclip_lite.images import psnr
     attrs = {"shape": "star", "colour": "red", "size": "small"}
     assert edit_captions(attrs, "colour") == ("a red star", "a orange star", "orange")
     assert edit_captions(attrs, "shape") == ("a red star", "a red ring", "ring")

@@ -8,6 +8,7 @@ header metadata carries the non-tensor part as JSON, so it too is replaced in on
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -212,3 +213,20 @@ def load_state(path: str | Path, device: str = "cpu") -> dict:
     if "state" not in meta:
         raise ArtifactError(f"{path} holds no training state (no 'state' metadata)")
     return unflatten_state(json.loads(meta["state"]), tensors)
+
+
+def fingerprint(folder: str | Path | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> str:
+    """Identifies a model's weights: the sha1 of the weights file in `folder` when there is one,
+    else of `state_dict`'s tensors (12 hex digits). Later stages record their CLIP's fingerprint."""
+    h = hashlib.sha1()
+    if folder is not None and (Path(folder) / WEIGHTS).exists():
+        with open(Path(folder) / WEIGHTS, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif state_dict is not None:
+        for k, v in sorted(state_dict.items()):
+            h.update(k.encode())
+            h.update(v.detach().float().cpu().numpy().tobytes())
+    else:
+        raise ValueError("fingerprint needs a folder holding weights or a state_dict")
+    return h.hexdigest()[:12]

@@ -12,7 +12,12 @@ import json
 import time
 from pathlib import Path
 
+from .clip import ensure_clip
 from .config import PRESETS, get_preset, set_field
+from .decoder import ensure_decoder
+from .judge import ensure_judge
+from .prior import ensure_prior
+from .upsampler import ensure_upsampler
 
 STAGES = ("judge", "clip", "decoder", "decoder-caption-only", "prior", "ar-prior", "upsampler")
 
@@ -53,21 +58,17 @@ def train_main(argv: list[str]) -> int:
     progress, folder = not args.no_progress, args.artifacts
     t0 = time.perf_counter()
     if args.stage == "judge":
-        from .evaluate import ensure_judge
         trained = ensure_judge(folder, preset, retrain=args.retrain, progress=progress)
     elif args.stage == "upsampler":
-        from .upsampler import ensure_upsampler
         trained = ensure_upsampler(folder, preset, retrain=args.retrain, progress=progress)
     else:
-        from .clip import ensure_clip
         clip = ensure_clip(folder, preset, retrain=args.retrain and args.stage == "clip", progress=progress)
         trained = clip
         if args.stage.startswith("decoder"):
-            from .decoder import ensure_decoder
-            trained = ensure_decoder(folder, preset, clip, caption_only=args.stage == "decoder-caption-only",
+            judge = ensure_judge(folder, preset, progress=progress)  # the decoder measures itself with it
+            trained = ensure_decoder(folder, preset, clip, judge, caption_only=args.stage == "decoder-caption-only",
                                      retrain=args.retrain, progress=progress)
         elif args.stage in ("prior", "ar-prior"):
-            from .prior import ensure_prior
             trained = ensure_prior(folder, preset, clip, "diffusion" if args.stage == "prior" else "ar",
                                    retrain=args.retrain, progress=progress)
     metrics = getattr(trained, "metrics", {}) or {}

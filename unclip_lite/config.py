@@ -154,21 +154,27 @@ class UpsamplerConfig:
 
 
 @dataclass
-class PriorConfig:
-    """The diffusion prior: a causal Transformer from a caption to a CLIP image embedding z_i (prior.py)."""
+class PriorShared:
+    """What both priors share: the causal Transformer's size, the training scenes, the measurement."""
 
     width: int = 128  # Transformer width
     layers: int = 4  # Transformer blocks
     heads: int = 4  # attention heads
+    n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
+    n_eval: int = 500  # val and held-out captions sampled for the metrics
+    n_pool: int = 1_000  # val and held-out scenes each in the nearest-image pool
+
+
+@dataclass
+class PriorConfig(PriorShared):
+    """The diffusion prior: a causal Transformer from a caption to a CLIP image embedding z_i (prior.py)."""
+
     normalisation: str = "per_dim"  # "per_dim": (z - mean) / std per dimension, stored with the model | "global": one scale
     p_drop_text: float = 0.1  # the caption (tokens and z_t) is replaced by a learned null this often (for guidance)
     schedule: str = "cosine"  # noise schedule over 1000 steps (the objective is "x0": the paper predicts z_i directly)
-    n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
     sample_steps: int = 16  # DDIM steps at sampling time (respaced from 1000; the paper: 64)
     guidance_scale: float = 2.0  # classifier-free guidance scale at sampling time (1 = none)
     best_of: int = 2  # draw this many z_i per caption and keep the one with the highest z_i . z_t (the paper: 2)
-    n_eval: int = 500  # val and held-out captions sampled for the metrics
-    n_pool: int = 1_000  # val and held-out scenes each in the nearest-image pool
     train: TrainConfig = field(  # the training loop: at most 3 minutes on 2 cores at the course preset
         default_factory=lambda: TrainConfig(steps=1200, batch_size=256, lr=1e-3, warmup_steps=100,
                                             weight_decay=0.06, betas=(0.9, 0.96), eps=1e-6,
@@ -177,20 +183,14 @@ class PriorConfig:
 
 
 @dataclass
-class ARPriorConfig:
+class ARPriorConfig(PriorShared):
     """The autoregressive prior: a causal Transformer over quantised PCA coefficients of z_i (prior.py)."""
 
     variance_kept: float = 0.99  # PCA keeps the fewest components explaining at least this share of z_i's variance
     buckets: int = 32  # levels per PCA coefficient, uniform over its training range (the paper: 1024); see notebook 04
     dot_buckets: int = 16  # quantisation levels of z_i . z_t, equal-mass over the training distribution
     top_half: bool = True  # at sampling, draw the z_i . z_t token from the top half of its predicted distribution
-    width: int = 128  # Transformer width
-    layers: int = 4  # Transformer blocks
-    heads: int = 4  # attention heads
-    n_train_images: int = 40_000  # training scenes: the CLIP embedding cache of the train split
     best_of: int = 1  # draw this many z_i per caption and keep the highest z_i . z_t (the paper: none for AR)
-    n_eval: int = 500  # val and held-out captions sampled for the metrics
-    n_pool: int = 1_000  # val and held-out scenes each in the nearest-image pool
     train: TrainConfig = field(  # the training loop: at most 3 minutes on 2 cores at the course preset
         default_factory=lambda: TrainConfig(steps=900, batch_size=256, lr=1e-3, warmup_steps=50,
                                             weight_decay=0.04, betas=(0.9, 0.91), eps=1e-8,

@@ -12,6 +12,7 @@ A notebook reports its key metric with `report(...)` in its last cell.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -19,9 +20,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import write_json
-from .config import PRESETS
+from .config import PRESETS, Preset, get_preset
+from .runtime import seed_everything
 
 SUMMARY_DIR = "course"
+
+
+def setup(preset: str, seed: int, artifacts_dir: str | Path) -> tuple[Preset, str]:
+    """The first lines of every notebook: the preset's config with the world seeded by `seed`,
+    every random generator seeded, and the cache folder inside the artifacts folder.
+    Returns (cfg, cache_dir)."""
+    cfg = get_preset(preset)
+    cfg.world = dataclasses.replace(cfg.world, seed=seed)
+    seed_everything(seed)
+    return cfg, f"{artifacts_dir}/cache"
 
 
 def report(artifacts_dir: str | Path, notebook: str, key_metric: str, **metrics) -> dict:

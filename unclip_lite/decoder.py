@@ -26,16 +26,19 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import geometry
-from .clip import ClipModel, _fingerprint, embedding_cache, resize_uint8
+from .clip import embedding_cache
+from .clip_model import ClipModel
 from .config import DecoderConfig, Preset, from_dict, to_dict
 from .data import rendered
 from .diffusion import GaussianDiffusion, guided
-from .runtime import TrainedModel, autocast, seed_everything
+from .images import IMAGE_SIZE, resize_uint8, to_float
+from .judge import attribute_accuracy
+from .runtime import autocast, seed_everything
+from .stage import TrainedDenoiser, ensure_stage
 from .shapes import ShapesWorld
-from .train import clear_state, ensure_stage, snapshot_path, train
+from .train import clear_state, snapshot_path, train
 from .unet import UNet
 
-IMAGE_SIZE = 32
 
 
 class Decoder(nn.Module):
@@ -122,7 +125,7 @@ class DecoderBatches:
         b = self.cfg.train.batch_size
         idx = torch.randint(len(self.images), (b,), generator=g)
         rows = self.cache["caption_index"][idx]
-        x0 = self.images[idx].float().div(127.5).sub(1)
+        x0 = to_float(self.images[idx])
         return {"x0": x0, "z": self.cache["image_emb"][idx], "states": self.cache["text_states"][rows].float(),
                 "mask": self.cache["text_mask"][rows],
                 "t": self.diffusion.sample_t(b, g, self.cfg.t_sampling, self.cfg.t_logsnr),
@@ -132,25 +135,18 @@ class DecoderBatches:
 
 
 def decoder_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = None):
-    def loss_fn(model: Decoder, batch: dict) -> torch.Tensor:
-        def fn(x, t):
-            return model(x, t, batch["z"], batch["states"], batch["mask"], batch["drop_z"], batch["drop_text"])
-        return diffusion.training_loss(fn, batch["x0"], batch["t"], batch["noise"], min_snr_gamma=min_snr_gamma).mean()
-    return loss_fn
+    return diffusion.batch_loss(lambda model, b, x, t: model(x, t, b["z"], b["states"], b["mask"], b["drop_z"], b["drop_text"]),
+                                min_snr_gamma)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
 
-class TrainedDecoder(TrainedModel):
-    """A trained decoder with its diffusion, for sampling."""
+class TrainedDecoder(TrainedDenoiser):
+    """A trained decoder with its config and diffusion, for sampling."""
 
-    def __init__(self, model: Decoder, cfg: DecoderConfig, device: str = "auto", precision: str = "auto",
-                 metrics: dict | None = None):
-        super().__init__(model, device, precision, metrics)
-        self.cfg = cfg
-        self.diffusion = make_diffusion(cfg)
+    make_diffusion = staticmethod(make_diffusion)
 
     def model_fn(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, guidance: float):
         """fn(x_t, t) for the sampler: guided, bf16 where enabled, output in float32. z=None runs
@@ -205,7 +201,7 @@ def texts_for(clip: ClipModel, captions: list[str], length: int | None = None) -
 def _stage_config(preset: Preset, clip: ClipModel, caption_only: bool) -> dict:
     cfg = to_dict(preset.decoder)
     cfg["caption_only"] = caption_only
-    return {"decoder": cfg, "world": to_dict(preset.world), "clip_fingerprint": _fingerprint(clip)}
+    return {"decoder": cfg, "world": to_dict(preset.world), "clip_fingerprint": clip.fingerprint()}
 
 
 def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_only: bool = False,
@@ -281,27 +277,25 @@ def load_reference_decoder(clip: ClipModel, folder: str | Path = REFERENCE_DIR) 
     if not ckpt.stage_exists(folder):
         return None, f"no reference decoder at {folder}"
     stored = ckpt.read_json(folder / ckpt.CONFIG)["config"].get("clip_fingerprint")
-    mine = _fingerprint(clip)
+    mine = clip.fingerprint()
     if stored != mine:
         return None, (f"the reference decoder was trained against CLIP {stored}; this CLIP is {mine} (trained on "
                       "another machine or torch build), so its z_i would be foreign to it")
     return load_decoder(folder), ""
 
 
-def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, caption_only: bool = False,
-                   retrain: bool = False, progress: bool = True, evaluate="judge") -> TrainedDecoder:
+def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, judge=None, caption_only: bool = False,
+                   retrain: bool = False, progress: bool = True) -> TrainedDecoder:
     """Load the decoder (`decoder` or `decoder_caption_only`), training it if missing or stale.
 
-    A newly trained decoder measures itself before its artifact is written: with the default
-    ``evaluate="judge"``, `evaluate_decoder` runs with the judge from `artifacts_dir` (trained
-    there if missing), so metrics.json always holds the reconstruction and sampler numbers.
-    Pass a callable `evaluate(trained) -> dict`, or None to skip the measurement.
+    Given the `judge`, a newly trained decoder measures itself (`evaluate_decoder`) before its
+    artifact is written, so metrics.json holds the reconstruction and sampler numbers; without
+    one it holds the training numbers only. `build.ensure_all` passes the judge in.
     """
     folder = Path(artifacts_dir) / ("decoder_caption_only" if caption_only else "decoder")
-    if evaluate == "judge":
+    evaluate = None
+    if judge is not None:
         def evaluate(trained):
-            from .evaluate import ensure_judge
-            judge = ensure_judge(artifacts_dir, preset, progress=progress)
             return evaluate_decoder(trained, clip, judge, preset, Path(artifacts_dir) / "cache", progress=progress)
     return ensure_stage(folder, "decoder", lambda: load_decoder(folder, preset, clip, caption_only),
                         lambda: train_decoder(preset, clip, folder, caption_only, progress, evaluate), retrain)
@@ -335,7 +329,6 @@ def reconstruction_report(trained: TrainedDecoder, clip: ClipModel, judge, prese
     steps and guidance) and read them twice: "reconstruction" by the judge, "strict" (shape and
     size) by `geometry.strict_accuracy`; "reference" and "strict"[split]["real"] read the real
     scenes, the ceiling."""
-    from .evaluate import attribute_accuracy
     out = {"n_eval": n, "steps": trained.cfg.sample_steps, "guidance": trained.cfg.guidance_scale, "seed": seed}
     t0 = time.perf_counter()
     for split in ("val", "heldout"):
@@ -364,7 +357,6 @@ def evaluate_decoder(trained: TrainedDecoder, clip: ClipModel, judge, preset: Pr
     """
     from tqdm.auto import tqdm
 
-    from .evaluate import attribute_accuracy
     cfg = trained.cfg
     out = reconstruction_report(trained, clip, judge, preset, cfg.n_eval, cache_dir, seed)
     val = rendered(ShapesWorld("val", preset.world), cfg.n_compare, cache_dir)

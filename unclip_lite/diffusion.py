@@ -157,6 +157,15 @@ class GaussianDiffusion:
             loss = loss * snr.clamp(max=min_snr_gamma) / scale
         return loss
 
+    def batch_loss(self, forward: Callable, min_snr_gamma: float | None = None) -> Callable:
+        """`loss_fn(model, batch)` for the training loop: the batch's mean `training_loss`, where
+        `forward(model, batch, x_t, t)` runs the network on the batch's own conditioning and the
+        batch carries "x0", "t" and "noise" (drawn by the stage's batch function)."""
+        def loss_fn(model, batch: dict) -> torch.Tensor:
+            return self.training_loss(lambda x, t: forward(model, batch, x, t), batch["x0"], batch["t"],
+                                      batch["noise"], min_snr_gamma=min_snr_gamma).mean()
+        return loss_fn
+
     # -- reading the model ---------------------------------------------------------------------
     def predict(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                 clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

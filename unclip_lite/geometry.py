@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import IMAGE_SIZE, to_float, to_model_images
 from .shapes import COLOURS, SHAPES, SIZES, SYMMETRY, object_alpha
 
 SIZE = 32  # the reader works at the decoder's resolution
@@ -151,7 +152,7 @@ def _half(mask: torch.Tensor, relation: str | None, slot: int) -> torch.Tensor:
 
 def to_reader_images(images: torch.Tensor) -> torch.Tensor:
     """Images as float (N, 3, 32, 32) in [-1, 1]: uint8 is rescaled, larger images area-resized."""
-    x = images.float().div(127.5).sub(1) if images.dtype == torch.uint8 else images.float()
+    x = to_float(images) if images.dtype == torch.uint8 else images.float()
     if x.shape[-1] != SIZE:
         x = F.interpolate(x, size=(SIZE, SIZE), mode="bicubic", antialias=x.shape[-1] > SIZE,
                           align_corners=False).clamp(-1, 1)
@@ -200,3 +201,74 @@ def strict_accuracy(images: torch.Tensor, attributes: list[dict], n_angles: int 
     hits = strict_hits(images, attributes, n_angles)
     return {k: float(hits[k][hits[k + "_named"]].float().mean()) if bool(hits[k + "_named"].any()) else float("nan")
             for k in ("shape", "size")}
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotation and position of samples (how much a group of samples varies), by the same analysis by
+# synthesis with a simpler colour mask: notebook 06 and 07 measure spreads with it
+
+
+def gaussian_colour_mask(image: torch.Tensor, colour: str, sigma: float = 40.0, floor: float = 0.1) -> torch.Tensor:
+    """Soft mask (H, W) of the pixels of `colour` in one image (3, H, W) in [-1, 1]: a Gaussian of
+    the RGB distance to the palette colour (sigma in 0-255 units), with values under `floor` cut
+    to zero (a large light background would otherwise add up to a pull on the centroid). The
+    backgrounds are grey, so a saturated object stands out from every one of them."""
+    rgb = (image.float() + 1) * 127.5
+    target = torch.tensor(COLOURS[colour], dtype=torch.float32)[:, None, None]
+    m = torch.exp(-(rgb - target).pow(2).sum(0) / (2 * sigma ** 2))
+    return ((m - floor) / (1 - floor)).clamp_min(0)
+
+
+def estimate_rotation(images: torch.Tensor, predicted: list[dict], n_angles: int = 30) -> torch.Tensor:
+    """The rotation (radians) of a one-object image, by analysis by synthesis at 32 px.
+
+    The object is found by its colour (`gaussian_colour_mask`, with the judge's reading of the colour);
+    its centre is the mask's centroid. Then the judge's reading of shape and size is drawn at that
+    centre at `n_angles` rotations over the shape's symmetry period (`shapes.object_alpha`), and
+    the rotation whose coverage is closest to the mask wins. NaN where rotation is undefined
+    (circle, ring), where the judge reads two objects, or where no pixel has the colour.
+    """
+    x = to_model_images(images)
+    size = x.shape[-1]
+    grid = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    out = torch.full((len(x),), float("nan"))
+    for i, p in enumerate(predicted):
+        order = SYMMETRY[p["shape"]]
+        if not order or p["count"] != 1:
+            continue
+        mask = gaussian_colour_mask(x[i], p["colour"])
+        total = float(mask.sum())
+        if total < 2.0:
+            continue
+        cx, cy = float((mask.sum(0) * grid).sum()) / total, float((mask.sum(1) * grid).sum()) / total
+        angles = [2 * math.pi / order * k / n_angles for k in range(n_angles)]
+        obj = {"shape": p["shape"], "size": p["size"], "x": cx, "y": cy}
+        cands = torch.from_numpy(np.stack([object_alpha({**obj, "rotation": a}, size) for a in angles]))
+        err = (cands - mask).pow(2).flatten(1).sum(1)
+        out[i] = angles[int(err.argmin())]
+    return out
+
+
+def group_spreads(images: torch.Tensor, predicted: list[dict], k: int, shapes: list[str]) -> tuple[list, list]:
+    """Per group of k consecutive samples (one scene's variations, one caption's samples):
+
+    - the RMS distance (32 px pixels) of the judged object centres from their mean;
+    - the circular std (degrees) of `estimate_rotation` over the samples the judge reads as the
+      group's shape `shapes[g]` (another shape's angle lives on another period); NaN where the
+      shape has no rotation or fewer than two samples qualify.
+    """
+    pos = torch.tensor([[p["objects"][0]["x"], p["objects"][0]["y"]] for p in predicted]).view(-1, k, 2)
+    position = ((pos - pos.mean(1, keepdim=True)).pow(2).sum(-1).mean(1).sqrt() * IMAGE_SIZE).tolist()
+    read_as_named = torch.tensor([p["shape"] == shapes[i // k] for i, p in enumerate(predicted)])
+    rot = torch.where(read_as_named, estimate_rotation(images, predicted), torch.nan).view(-1, k)
+    rotation = [circular_spread(rot[g], SYMMETRY[s]) if SYMMETRY.get(s) else float("nan") for g, s in enumerate(shapes)]
+    return position, rotation
+
+
+def circular_spread(angles: torch.Tensor, order: int) -> float:
+    """Circular standard deviation (degrees) of rotations that are only defined modulo 2π/order."""
+    a = angles[~torch.isnan(angles)].double() * order
+    if len(a) < 2:
+        return float("nan")
+    r = torch.sqrt(torch.cos(a).mean() ** 2 + torch.sin(a).mean() ** 2).clamp(1e-12, 1.0)
+    return float(torch.sqrt(-2 * torch.log(r)) / order * 180 / math.pi)

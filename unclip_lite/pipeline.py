@@ -11,30 +11,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from . import geometry
 from .config import diff as config_diff
-from .clip import ClipModel, _fingerprint, load_clip_stage
-from .decoder import IMAGE_SIZE, TrainedDecoder, load_decoder, texts_for
-from .shapes import parse_caption
+from .clip import load_clip_stage
+from .clip_model import ClipModel
+from .decoder import TrainedDecoder, load_decoder, texts_for
+from .images import IMAGE_SIZE
+from .prior import load_prior
+from .runtime import stage_seed
+from .upsampler import load_upsampler
 
 PRIOR_KINDS = ("diffusion", "ar")
 
 
 class PipelineError(ValueError):
     """Bad input to the pipeline, or stages that do not fit together."""
-
-
-STREAMS = {"prior": 0, "decoder": 1, "upsampler": 2}  # one random stream per stage and seed
-
-
-def stage_seed(seed: int, stage: str) -> int:
-    """The seed of `stage`'s random stream for a user seed: distinct stages never share noise."""
-    return int(np.random.SeedSequence([seed, STREAMS[stage]]).generate_state(1)[0])
 
 
 class UnCLIP:
@@ -59,8 +53,6 @@ class UnCLIP:
         Raises PipelineError naming the stage when a stage folder is missing, or when a stage was
         trained against another CLIP than the one in `folder/clip`.
         """
-        from .prior import load_prior
-        from .upsampler import load_upsampler
 
         folder = Path(folder)
         wanted = ["clip", "decoder"] + [f"prior_{k}" for k in priors] + (["upsampler"] if upsampler else [])
@@ -70,7 +62,7 @@ class UnCLIP:
                 f"{folder}: missing stage folder(s) {missing} (each needs model.safetensors, config.json and "
                 f"metrics.json). Run the notebooks up to 05, or `python -m unclip_lite course --artifacts {folder}`.")
         clip = load_clip_stage(folder / "clip")
-        fingerprint = _fingerprint(clip)
+        fingerprint = clip.fingerprint()
         world = ckpt.read_json(folder / "clip" / ckpt.CONFIG)["config"]["world"]
         for name in wanted[1:]:
             stored = ckpt.read_json(folder / name / ckpt.CONFIG)["config"]
@@ -169,34 +161,3 @@ class UnCLIP:
 # Loading or training every stage, and measuring the whole cascade
 
 
-def ensure_pipeline(artifacts_dir: str | Path, preset, progress: bool = True) -> UnCLIP:
-    """Every stage from `artifacts_dir`, each trained first if missing (in course order), then
-    loaded through `UnCLIP.from_artifacts`, which checks that they fit together."""
-    from .clip import ensure_clip
-    from .decoder import ensure_decoder
-    from .prior import ensure_prior
-    from .upsampler import ensure_upsampler
-
-    clip = ensure_clip(artifacts_dir, preset, progress=progress)
-    ensure_decoder(artifacts_dir, preset, clip, progress=progress)
-    for kind in PRIOR_KINDS:
-        ensure_prior(artifacts_dir, preset, clip, kind=kind, progress=progress)
-    ensure_upsampler(artifacts_dir, preset, progress=progress)
-    return UnCLIP.from_artifacts(artifacts_dir)
-
-
-def evaluate_pipeline(pipe: UnCLIP, judge, captions: list[str], prior: str = "diffusion", seed: int = 0,
-                      progress: bool = False, **generate_kwargs) -> dict:
-    """Generate one image per caption and let the judge read it against what the caption names.
-
-    Returns {"accuracy": per-attribute accuracy, "joint" (every named shape, colour and size right
-    at once) and "strict_shape" (shape by `geometry.strict_accuracy`), "joint_hits": per-caption
-    0/1 (for bootstrap intervals), "images": (N, 3, H, W)}.
-    """
-    from .evaluate import accuracy_from_hits, caption_hits
-
-    images = pipe.generate(captions, prior=prior, seed=seed, progress=progress, **generate_kwargs)
-    hits = caption_hits(images, captions, judge)
-    strict = geometry.strict_accuracy(images, [parse_caption(c) for c in captions])
-    return {"accuracy": {**accuracy_from_hits(hits), "strict_shape": strict["shape"]},
-            "joint_hits": hits["joint"].float(), "images": images}

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import to_uint8
+from .images import to_numpy_hwc
+from .stats import summarise
 
 
 def _as_uint8(images) -> np.ndarray:
@@ -12,7 +13,7 @@ def _as_uint8(images) -> np.ndarray:
     if isinstance(images, torch.Tensor):
         if images.dtype == torch.uint8:
             return images.detach().cpu().permute(0, 2, 3, 1).numpy()
-        return to_uint8(images)
+        return to_numpy_hwc(images)
     x = np.asarray(images)
     return x if x.shape[-1] == 3 else x.transpose(0, 2, 3, 1)
 
@@ -136,3 +137,75 @@ def shape_vs_images(runs: list[dict], points: dict[str, tuple[int, float, float]
     ax.legend(fontsize=7, loc="upper left")
     return ax
 
+
+
+PERCENT_MEASURES = ("fidelity", "both objects right", "both colours on the right objects")
+
+
+def interval(ci, percent: bool) -> str:
+    """"m [lo, hi]" for a (mean, low, high) triple; "m" when it has no interval, "—" when unmeasured."""
+    if np.isnan(ci[0]):
+        return "—"
+    if np.isnan(ci[1]):
+        return f"{ci[0]:.1%}" if percent else f"{ci[0]:.2f}"
+    return f"{ci[0]:.1%} [{ci[1]:.1%}, {ci[2]:.1%}]" if percent else f"{ci[0]:.2f} [{ci[1]:.2f}, {ci[2]:.2f}]"
+
+
+def claims_table(rows: list[dict]) -> str:
+    """Notebook 07's results as text: one line per claim row (`studies.claims.claim_row`)."""
+    lines = [f"{'claim':38} {'split':8} {'measure':38} {'A':>24} {'B':>24} {'A - B':>26}  paper's direction"]
+    for row in rows:
+        pct = row["measure"] in PERCENT_MEASURES
+        lines.append(f"{row['claim']:38} {row['split']:8} {row['measure']:38} {interval(row['A'], pct):>24} "
+                     f"{interval(row['B'], pct):>24} {interval(row['A - B'], pct):>26}  {row['verdict']}")
+    return "\n".join(lines)
+
+
+def guidance_sweep_figure(sweep: dict[str, list[dict]], scales: list[float]):
+    """Fidelity, diversity and Fréchet distance against the decoder's guidance scale, one line (with
+    its bootstrap band) per system; `sweep[name]` holds one `system_report` per scale."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for name, reports in sweep.items():
+        for ax, key, label in zip(axes, ("fidelity", "diversity_feature", "frechet"),
+                                  ("fidelity (joint)", "diversity (judge features)", "Fréchet distance (16-dim)")):
+            cis = [r[key] if key == "frechet" else summarise(r[key]) for r in reports]
+            ax.plot(scales, [c[0] for c in cis], marker="o", label=name)
+            ax.fill_between(scales, [c[1] for c in cis], [c[2] for c in cis], alpha=0.2)
+            ax.set_xlabel("decoder guidance scale")
+            ax.set_title(label)
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    return fig
+
+
+def pca_probe_figure(probe: dict, attributes=("background", "colour", "size", "shape", "count")):
+    """The judge's accuracy on decodes of z_i truncated to its first k principal components, with the
+    variance those k explain, and shape's accuracy with every component as a reference line."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for attr in attributes:
+        ax.plot(probe["ks"], [a.get(attr, float("nan")) for a in probe["accuracy"]], "-o", label=attr)
+    ax.plot(probe["ks"], probe["explained"], "k:", label="variance explained")
+    ax.axhline(probe["full"]["shape"], color="C3", lw=0.8, ls="--", label="shape, every component")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("principal components kept")
+    ax.set_ylabel("judge accuracy (no caption) / variance explained")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def interval_bars(intervals, labels: list[str], title: str = "", ax=None, fontsize: int = 8):
+    """Bars of (mean, low, high) triples with their intervals as error bars."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.4))
+    vals = np.asarray(intervals, dtype=np.float64).reshape(-1, 3)
+    ax.bar(range(len(vals)), vals[:, 0], yerr=[vals[:, 0] - vals[:, 1], vals[:, 2] - vals[:, 0]], capsize=4)
+    ax.set_xticks(range(len(vals)), labels, fontsize=fontsize)
+    ax.set_title(title)
+    return ax

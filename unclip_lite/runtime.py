@@ -84,13 +84,9 @@ def attention_backend():
     return sdpa_kernel([SDPBackend.MATH])
 
 
-class TrainedModel:
-    """A trained network placed for use: on its device, in eval mode, with the precision it runs
-    in and the metrics its artifact recorded. Each stage's `Trained*` class builds on this."""
+STREAMS = {"prior": 0, "decoder": 1, "upsampler": 2}  # one random stream per stage and seed
 
-    def __init__(self, model: torch.nn.Module, device: str = "auto", precision: str = "auto",
-                 metrics: dict | None = None):
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(precision, self.device)
-        self.model = model.to(self.device).eval()
-        self.metrics = metrics or {}
+
+def stage_seed(seed: int, stage: str) -> int:
+    """The seed of `stage`'s random stream for a user seed: distinct stages never share noise."""
+    return int(np.random.SeedSequence([seed, STREAMS[stage]]).generate_state(1)[0])

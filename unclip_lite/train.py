@@ -212,29 +212,6 @@ def clear_state(run_dir: str | Path) -> None:
     (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
 
 
-def ensure_stage(folder: str | Path, label: str, load: Callable[[], Any], train_new: Callable[[], Any],
-                 retrain: bool = False) -> Any:
-    """Load a stage's artifact with `load()`, or train it with `train_new()` when it is missing.
-
-    A stored artifact made with another config (`load` raises ConfigMismatchError), or any
-    stored artifact when `retrain`, is moved aside to `<folder>.stale-<time>` first: nothing saved
-    is lost, and the message says which fields differed. With `retrain` and no artifact, an
-    interrupted run's checkpoint is removed so that the new run starts over.
-    """
-    folder = Path(folder)
-    if ckpt.stage_exists(folder):
-        reason = "retrain=True"
-        if not retrain:
-            try:
-                return load()
-            except ckpt.ConfigMismatchError as err:
-                reason = "its config differs: " + "; ".join(err.differences)
-        print(f"{folder.name}: moved the stored {label} to {ckpt.archive_stage(folder)} ({reason}); training a new one")
-    elif retrain:
-        clear_state(folder)
-    return train_new()
-
-
 BN_RECALIBRATION_BATCHES = 16
 
 

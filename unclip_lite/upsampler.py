@@ -31,14 +31,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .clip import resize_uint8
 from .config import Preset, UpsamplerConfig, from_dict, to_dict
 from .data import rendered
 from .diffusion import GaussianDiffusion
-from .evaluate import gaussian_blur
-from .runtime import TrainedModel, autocast, seed_everything
+from .images import gaussian_blur, psnr, resize_uint8, to_float
+from .runtime import autocast, seed_everything
+from .stage import TrainedDenoiser, ensure_stage
 from .shapes import ShapesWorld
-from .train import clear_state, ensure_stage, train
+from .train import clear_state, train
 from .unet import UNet, timestep_embedding
 
 LOW_RES, HIGH_RES = 32, 64
@@ -58,18 +58,6 @@ def upsample_condition(x: torch.Tensor, mode: str, size: int = HIGH_RES) -> torc
     if mode == "nearest":
         return F.interpolate(x.float(), size=(size, size), mode="nearest")
     return F.interpolate(x.float(), size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor, reduction: str = "mean") -> torch.Tensor | float:
-    """Peak signal-to-noise ratio in dB between images in [-1, 1] (peak-to-peak 2), per image.
-
-    `reduction="mean"` gives the mean over images (a float); "none" the per-image values (B,).
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"psnr needs images of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    mse = (a.float() - b.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    values = 10 * torch.log10(4.0 / mse)  # (B,)
-    return float(values.mean()) if reduction == "mean" else values
 
 
 def corrupt(x32: torch.Tensor, blur: torch.Tensor, aug_level: torch.Tensor, cfg: UpsamplerConfig,
@@ -151,8 +139,8 @@ class UpsamplerBatches:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         cfg, b, c = self.cfg, self.cfg.train.batch_size, self.cfg.crop_size
         idx = torch.randint(len(self.images), (b,), generator=g)
-        x64 = self.images[idx].float().div(127.5).sub(1)  # (B, 3, 64, 64)
-        x32 = self.low[idx].float().div(127.5).sub(1)  # (B, 3, 32, 32)
+        x64 = to_float(self.images[idx])  # (B, 3, 64, 64)
+        x32 = to_float(self.low[idx])  # (B, 3, 32, 32)
         blur = torch.rand(b, generator=g) < cfg.p_blur
         aug = torch.where(torch.rand(b, generator=g) < cfg.p_aug, torch.rand(b, generator=g) * cfg.aug_max,
                           torch.zeros(b))
@@ -168,25 +156,17 @@ class UpsamplerBatches:
 
 
 def upsampler_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = None):
-    def loss_fn(model: Upsampler, batch: dict) -> torch.Tensor:
-        def fn(x, t):
-            return model(x, t, batch["cond"], batch["aug"])
-        return diffusion.training_loss(fn, batch["x0"], batch["t"], batch["noise"], min_snr_gamma=min_snr_gamma).mean()
-    return loss_fn
+    return diffusion.batch_loss(lambda model, b, x, t: model(x, t, b["cond"], b["aug"]), min_snr_gamma)
 
 
 # ---------------------------------------------------------------------------------------------
 # Sampling
 
 
-class TrainedUpsampler(TrainedModel):
-    """A trained upsampler with its diffusion, for sampling."""
+class TrainedUpsampler(TrainedDenoiser):
+    """A trained upsampler with its config and diffusion, for sampling."""
 
-    def __init__(self, model: Upsampler, cfg: UpsamplerConfig, device: str = "auto", precision: str = "auto",
-                 metrics: dict | None = None):
-        super().__init__(model, device, precision, metrics)
-        self.cfg = cfg
-        self.diffusion = make_diffusion(cfg)
+    make_diffusion = staticmethod(make_diffusion)
 
     @torch.no_grad()
     def upsample(self, x32: torch.Tensor, steps: int | None = None, aug_level: float | None = None, seed: int = 0,
@@ -236,16 +216,16 @@ def evaluate_upsampler(trained: TrainedUpsampler, world, n: int, cache_dir: Path
     """PSNR on val against the real 64 px images: the upsampler and bicubic, from the clean 32 px
     downsample and from a blurred one (kernel 3, sigma 0.6); plus sampling time per image."""
     x64 = rendered(ShapesWorld("val", world), n, cache_dir)["images"]
-    x32 = resize_uint8(x64, LOW_RES).float().div(127.5).sub(1)
-    x64 = x64.float().div(127.5).sub(1)
+    x32 = to_float(resize_uint8(x64, LOW_RES))
+    x64 = to_float(x64)
     blurred = gaussian_blur(x32, trained.cfg.blur_sigma, trained.cfg.blur_kernel)
     out = {"n_eval": len(x64), "steps": steps or trained.cfg.sample_steps, "aug_level": trained.cfg.aug_level}
     for name, inp in (("clean", x32), ("blurred", blurred)):
         t0 = time.perf_counter()
         up = trained.upsample(inp, steps=steps, seed=seed, batch_size=16)
         wall = time.perf_counter() - t0
-        out[name] = {"psnr_upsampler": round(psnr(up, x64), 3), "psnr_bicubic": round(psnr(bicubic_upsample(inp), x64), 3),
-                     "psnr_nearest": round(psnr(upsample_condition(inp, "nearest"), x64), 3)}
+        out[name] = {"psnr_upsampler": round(float(psnr(up, x64).mean()), 3), "psnr_bicubic": round(float(psnr(bicubic_upsample(inp), x64).mean()), 3),
+                     "psnr_nearest": round(float(psnr(upsample_condition(inp, "nearest"), x64).mean()), 3)}
         if name == "clean":
             out["sample_s_per_image_batch16"] = round(wall / len(x64), 4)
     return out

@@ -25,8 +25,9 @@ import torch
 from PIL import Image
 
 from . import manipulate
-from .decoder import IMAGE_SIZE
-from .pipeline import PipelineError, stage_seed
+from .images import IMAGE_SIZE, to_model_images
+from .pipeline import PipelineError
+from .runtime import stage_seed
 
 __all__ = ["InterpolationExplorer", "TextDiffExplorer", "GuidanceExplorer", "to_png"]
 
@@ -95,7 +96,7 @@ class Explorer:
     def _at_size(self, images: torch.Tensor) -> torch.Tensor:
         """Fixed images (the inputs) at the size the decodes come out at, in [-1, 1]."""
         upsampled = self.upsample.value and self.pipe.upsampler is not None
-        return manipulate.to_model_images(images, 2 * IMAGE_SIZE if upsampled else IMAGE_SIZE)
+        return to_model_images(images, 2 * IMAGE_SIZE if upsampled else IMAGE_SIZE)
 
     def update(self) -> torch.Tensor | None:
         t0 = time.perf_counter()
