@@ -33,13 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from unclip_lite import geometry  # noqa: E402
-from unclip_lite.clip import embedding_cache, ensure_clip  # noqa: E402
+from unclip_lite.clip import caption_states, embedding_cache, ensure_clip  # noqa: E402
 from unclip_lite.config import get_preset, set_field  # noqa: E402
 from unclip_lite.data import rendered  # noqa: E402
-from unclip_lite.images import IMAGE_SIZE
-from unclip_lite.decoder import decode_split, Decoder, decoder_loss, DecoderBatches, make_diffusion, texts_for, TrainedDecoder
+from unclip_lite.decoder import Decoder, DecoderBatches, TrainedDecoder, decode_split, decoder_loss, make_diffusion  # noqa: E402
+from unclip_lite.images import IMAGE_SIZE  # noqa: E402
 from unclip_lite.judge import attribute_accuracy, ensure_judge  # noqa: E402
-from unclip_lite.runtime import seed_everything  # noqa: E402
+from unclip_lite.runtime import seed_everything, stage_seed  # noqa: E402
 from unclip_lite.shapes import ShapesWorld  # noqa: E402
 from unclip_lite.checkpoint import load_tensors  # noqa: E402
 from unclip_lite.train import snapshot_path, train  # noqa: E402
@@ -80,13 +80,13 @@ class RotationLimited(ShapesWorld):
 
 def decode(trained: TrainedDecoder, clip, data: dict, z: torch.Tensor, steps: int, guidance: float,
            weak: TrainedDecoder | None = None, seed: int = 0) -> torch.Tensor:
-    """Decode z_i with the captions (`decode_split`'s noise for `seed`); `weak` given: autoguidance,
+    """Decode z_i with the captions (the x_T `TrainedDecoder.decode` draws for `seed`); `weak` given: autoguidance,
     the strong model guided by the weak one (weak + s * (strong - weak)) instead of by its own
     unconditional output."""
     if weak is None:
         return decode_split(trained, clip, data, steps=steps, guidance=guidance, seed=seed, z=z)
-    states, mask = texts_for(clip, data["captions"], trained.text_length)
-    noise = torch.randn(len(z), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+    states, mask = caption_states(clip, data["captions"], trained.text_length)
+    noise = torch.randn(len(z), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(stage_seed(seed, "decoder")))
     strong_fn, weak_fn = trained.model_fn(z, states, mask, 1.0), weak.model_fn(z, states, mask, 1.0)
 
     def fn(x, t):

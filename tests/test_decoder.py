@@ -6,7 +6,8 @@ import torch
 from unclip_lite import checkpoint as ckpt
 from unclip_lite.clip import ensure_clip
 from unclip_lite.config import DecoderConfig
-from unclip_lite.decoder import Decoder, DecoderBatches, ensure_decoder, load_decoder, texts_for
+from unclip_lite.clip import caption_states
+from unclip_lite.decoder import Decoder, DecoderBatches, ensure_decoder, load_decoder
 from unclip_lite.judge import ensure_judge
 from unclip_lite.unet import UNet
 
@@ -78,7 +79,7 @@ def test_smoke_decoder_trains_samples_inverts_and_reloads(tmp_path, smoke):
     assert {"reconstruction", "strict", "samplers"} <= set(trained.metrics), list(trained.metrics)
     folder = tmp_path / "decoder"
     assert ckpt.stage_exists(folder) and not (folder / "train_state.safetensors").exists()
-    states, mask = texts_for(clip, ["a red circle", "a big blue star on stripes"], trained.text_length)
+    states, mask = caption_states(clip, ["a red circle", "a big blue star on stripes"], trained.text_length)
     z = clip.encode_texts(["x", "y"])  # any unit vectors
     g = torch.Generator().manual_seed(0)
     images = trained.sample(z, states, mask, steps=4, generator=g)

@@ -75,3 +75,22 @@ def test_manipulations_shapes_and_determinism(pipe):
     assert edits.shape == (2, 3, 64, 64)
     own = manipulate.decode_latents(pipe, z[:1], x_t[:1], steps=3, upsample=True)
     assert torch.allclose(edits[:1], own, atol=1e-5)  # theta = 0: the image's own latents
+
+
+def test_one_decode_path_one_seed_convention(pipe):
+    """The pipeline, the decoder's split helper, notebook 07's decode_z and the manipulations all
+    decode through TrainedDecoder.decode: for one seed, the same x_T and the same images."""
+    from unclip_lite.clip import no_caption
+    from unclip_lite.decoder import decode_split
+    from unclip_lite.runtime import stage_seed
+    from unclip_lite.studies.claims import decode_z
+
+    caps = ["a red circle", "a big blue star on a striped background", "a green square"]
+    z = pipe.priors["diffusion"].sample(caps, seed=0)
+    ours = pipe.decode(z, caps, steps=3, seed=5, upsample=False, progress=False)
+    assert torch.equal(ours, decode_split(pipe.decoder, pipe.clip, {"captions": caps}, steps=3, seed=5, z=z))
+    assert torch.equal(ours, decode_z(pipe, pipe.decoder, z, caps, steps=3, seed=5))
+    x_t = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(stage_seed(5, "decoder")))
+    states, mask = no_caption(pipe.clip, 3)
+    assert torch.equal(manipulate.decode_latents(pipe, z, x_t, steps=3, guidance=pipe.decoder.cfg.guidance_scale),
+                       pipe.decoder.decode(z, states, mask, seed=5, steps=3))  # no caption, the seed's x_T

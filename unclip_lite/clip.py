@@ -165,6 +165,20 @@ class ClipBatches:
 # Metrics
 
 
+def caption_states(clip: ClipModel, captions: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one caption -> (token states (N, L, width), mask (N, L)) path, for the decoder and both
+    priors: CLIP's token states padded (masked) to at least `length` tokens (a stage's cache
+    length, so that batches line up with training) and never cutting a caption short."""
+    out = clip.text_states(list(captions))
+    keep = max(length or 0, int(out["mask"].sum(1).max()))
+    return out["states"][:, :keep], out["mask"][:, :keep]
+
+
+def no_caption(clip: ClipModel, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "caption dropped" input: one masked-out token per sample (the decoder's learned null)."""
+    return torch.zeros(n, 1, clip.width), torch.zeros(n, 1, dtype=torch.bool)
+
+
 def prompts_for(attribute: str) -> dict[str, list[str]]:
     """Zero-shot prompts per class of one attribute, with every synonym (their embeddings are
     averaged: prompt ensembling, as in the CLIP paper)."""

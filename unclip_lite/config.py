@@ -58,7 +58,7 @@ class TrainConfig:
 
 @dataclass
 class JudgeConfig:
-    """The judge: a small CNN that reads every ShapesWorld attribute off an image (evaluate.py)."""
+    """The judge: a small CNN that reads every ShapesWorld attribute off an image (judge.py)."""
 
     width: int = 24  # channels of the first stage; doubled at each downsampling
     feature_dim: int = 256  # penultimate features (also used for the Fréchet distance)

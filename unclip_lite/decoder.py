@@ -23,17 +23,18 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import geometry
-from .clip import embedding_cache
+from .clip import caption_states, embedding_cache
 from .clip_model import ClipModel
 from .config import DecoderConfig, Preset, from_dict, to_dict
 from .data import rendered
 from .diffusion import GaussianDiffusion, guided
 from .images import IMAGE_SIZE, resize_uint8, to_float
 from .judge import attribute_accuracy
-from .runtime import autocast, seed_everything
+from .runtime import autocast, seed_everything, stage_seed
 from .stage import TrainedDenoiser, ensure_stage
 from .shapes import ShapesWorld
 from .train import clear_state, snapshot_path, train
@@ -166,32 +167,38 @@ class TrainedDecoder(TrainedDenoiser):
 
     def sample(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, steps: int | None = None,
                guidance: float | None = None, eta: float | None = 0.0, generator: torch.Generator | None = None,
-               noise: torch.Tensor | None = None, batch_size: int = 128) -> torch.Tensor:
+               noise: torch.Tensor | None = None, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """Images (B, 3, 32, 32) in [-1, 1] for z_i (or None: the caption alone) and caption
-        states; eta=None is DDPM."""
+        states; eta=None is DDPM. Most callers want `decode`, which draws x_T from a seed."""
         steps = steps or self.cfg.sample_steps
         guidance = self.cfg.guidance_scale if guidance is None else guidance
         diffusion = self.diffusion.respaced(steps)
         out, n = [], len(states)
-        for i in range(0, n, batch_size):
+        for i in tqdm(range(0, n, batch_size), desc="decoder", disable=not progress, leave=False):
             sl = slice(i, i + batch_size)
             start = noise[sl] if noise is not None else (min(batch_size, n - i), 3, IMAGE_SIZE, IMAGE_SIZE)
             fn = self.model_fn(None if z is None else z[sl], states[sl], mask[sl], guidance)
             out.append(diffusion.sample(fn, start, eta=eta, generator=generator, device=self.device).cpu())
         return torch.cat(out)
 
+    def decode(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, seed: int = 0,
+               steps: int | None = None, guidance: float | None = None, eta: float | None = 0.0,
+               noise: torch.Tensor | None = None, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
+        """The one z_i -> 32 px path. x_T is drawn per image from one generator seeded by
+        `stage_seed(seed, "decoder")` (or given as `noise`: an inverted latent, say), and the
+        same generator goes on to draw the per-step noise when eta > 0; so "seed 0" is the
+        same x_T in every notebook, and with eta = 0 the batch size does not matter."""
+        g = torch.Generator().manual_seed(stage_seed(seed, "decoder"))
+        if noise is None:
+            noise = torch.randn(len(states), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+        return self.sample(z, states, mask, steps=steps, guidance=guidance, eta=eta, generator=g, noise=noise,
+                           batch_size=batch_size, progress=progress)
+
     def invert(self, images: torch.Tensor, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
                steps: int | None = None, guidance: float = 1.0) -> torch.Tensor:
         """DDIM inversion of 32 px images in [-1, 1] under their condition: x_0 -> x_T."""
         diffusion = self.diffusion.respaced(steps or self.cfg.sample_steps)
         return diffusion.ddim_invert(self.model_fn(z, states, mask, guidance), images.to(self.device)).cpu()
-
-
-def texts_for(clip: ClipModel, captions: list[str], length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Caption token states and mask, trimmed to `length` tokens (the decoder's cache length)."""
-    out = clip.text_states(captions)
-    length = length or int(out["mask"].sum(1).max())
-    return out["states"][:, :length], out["mask"][:, :length]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,12 +315,10 @@ def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, j
 def decode_split(trained: TrainedDecoder, clip: ClipModel, data: dict, steps: int | None = None,
                  guidance: float | None = None, eta: float | None = 0.0, seed: int = 0,
                  z: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode a rendered split's own z_i (or the given `z`) with its captions; fixed noise per seed."""
+    """Decode a rendered split's own z_i (or the given `z`) with its captions (`TrainedDecoder.decode`)."""
     z = clip.encode_images(data["images"]) if z is None else z
-    states, mask = texts_for(clip, data["captions"], trained.text_length)
-    noise = torch.randn(len(z), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
-    return trained.sample(z, states, mask, steps=steps, guidance=guidance, eta=eta, noise=noise,
-                          generator=torch.Generator().manual_seed(seed + 1))
+    states, mask = caption_states(clip, data["captions"], trained.text_length)
+    return trained.decode(z, states, mask, seed=seed, steps=steps, guidance=guidance, eta=eta)
 
 
 def samplers_for(cfg: DecoderConfig) -> list[tuple[str, int, float | None]]:

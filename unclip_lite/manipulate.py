@@ -14,7 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .clip import no_caption
 from .images import IMAGE_SIZE, to_model_images
+from .runtime import stage_seed
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
@@ -41,13 +43,10 @@ def slerp_flat(a: torch.Tensor, b: torch.Tensor, theta: float) -> torch.Tensor:
     return slerp(a.flatten(1), b.flatten(1), theta).view_as(a)
 
 
-def no_caption(pipe, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The decoder's 'caption dropped' input: one masked-out token per sample."""
-    return torch.zeros(n, 1, pipe.clip.width), torch.zeros(n, 1, dtype=torch.bool)
-
-
 def _out(pipe, x32: torch.Tensor, upsample: bool, seed: int) -> torch.Tensor:
-    return pipe.upsampler.upsample(x32, seed=seed) if upsample and pipe.upsampler is not None else x32
+    if upsample and pipe.upsampler is not None:
+        return pipe.upsampler.upsample(x32, seed=stage_seed(seed, "upsampler"))
+    return x32
 
 
 @torch.no_grad()
@@ -60,7 +59,7 @@ def invert(pipe, images, steps: int | None = None, guidance: float = 1.0) -> tup
     """
     z = pipe.clip.encode_images(images)
     x = to_model_images(images)
-    states, mask = no_caption(pipe, len(x))
+    states, mask = no_caption(pipe.clip, len(x))
     x_t = pipe.decoder.invert(x, z, states, mask, steps=steps, guidance=guidance)
     return z, x_t
 
@@ -70,9 +69,8 @@ def decode_latents(pipe, z: torch.Tensor, x_t: torch.Tensor, eta: float = 0.0, s
                    guidance: float = 1.0, seed: int = 0, upsample: bool = False) -> torch.Tensor:
     """Decode bipartite latents (z_i, x_T) without a caption; eta > 0 adds fresh noise per step.
     The default guidance (1, none) matches `invert`'s, so eta = 0 retraces the inversion."""
-    states, mask = no_caption(pipe, len(z))
-    x32 = pipe.decoder.sample(z, states, mask, steps=steps, guidance=guidance, eta=eta, noise=x_t,
-                              generator=torch.Generator().manual_seed(seed))
+    states, mask = no_caption(pipe.clip, len(z))
+    x32 = pipe.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=guidance, eta=eta, noise=x_t)
     return _out(pipe, x32, upsample, seed)
 
 

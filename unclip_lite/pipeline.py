@@ -12,14 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import diff as config_diff
-from .clip import load_clip_stage
+from .clip import caption_states, load_clip_stage
 from .clip_model import ClipModel
-from .decoder import TrainedDecoder, load_decoder, texts_for
-from .images import IMAGE_SIZE
+from .decoder import TrainedDecoder, load_decoder
 from .prior import load_prior
 from .runtime import stage_seed
 from .upsampler import load_upsampler
@@ -105,9 +103,7 @@ class UnCLIP:
     def caption_states(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The decoder's caption input: CLIP token states and mask, at least the decoder's cache
         length (so batches are padded alike) and never cutting a caption short."""
-        states, mask = texts_for(self.clip, captions, self.clip.context_length)
-        length = max(self.decoder.text_length, int(mask.sum(1).max()))
-        return states[:, :length], mask[:, :length]
+        return caption_states(self.clip, captions, self.decoder.text_length)
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -133,21 +129,11 @@ class UnCLIP:
                steps: int | None = None, seed: int = 0, upsample: bool = True, batch_size: int = 16,
                progress: bool = True, noise: torch.Tensor | None = None, eta: float = 0.0,
                return_intermediates: bool = False):
-        """Decode given z_i (N, D) with their captions, then upsample; noise is drawn per seed."""
-        n = len(z)
+        """Decode given z_i (N, D) with their captions (`TrainedDecoder.decode`: x_T from the seed, or
+        `noise`), then upsample."""
         states, mask = self.caption_states(captions)
-        if noise is None:
-            noise = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(stage_seed(seed, "decoder")))
-        x32 = []
-        bar = tqdm(total=n, desc="unCLIP", disable=not progress, leave=False)
-        for i in range(0, n, batch_size):
-            sl = slice(i, i + batch_size)  # eta > 0 draws fresh noise per batch, so batch_size matters there
-            g = torch.Generator().manual_seed(stage_seed(seed, "decoder") + i)
-            x32.append(self.decoder.sample(z[sl], states[sl], mask[sl], steps=steps, guidance=decoder_guidance,
-                                           noise=noise[sl], eta=eta, generator=g))
-            bar.update(len(x32[-1]))
-        bar.close()
-        x32 = torch.cat(x32)
+        x32 = self.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=decoder_guidance, eta=eta,
+                                  noise=noise, batch_size=batch_size, progress=progress)
         x64 = None
         if upsample and self.upsampler is not None:  # noise drawn per image inside: batch-independent
             x64 = self.upsampler.upsample(x32, seed=stage_seed(seed, "upsampler"), batch_size=batch_size)

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from ..geometry import group_spreads
-from ..images import IMAGE_SIZE
 from ..judge import TrainedJudge, attribute_accuracy, attribute_hits, caption_hits
-from ..manipulate import no_caption
+from ..clip import no_caption
 from ..runtime import stage_seed
 from ..shapes import ShapesWorld, parse_caption
 from .. import stats
@@ -47,10 +46,8 @@ def decode_z(pipe, decoder, z: torch.Tensor | None, captions: list[str], guidanc
              steps: int | None = None, seed: int = 0, use_caption: bool = True) -> torch.Tensor:
     """Decode given z_i (N, D) (or None) with the captions (or none), from the seed's x_T."""
     n = len(captions)
-    states, mask = pipe.caption_states(captions) if use_caption else no_caption(pipe, n)
-    g = torch.Generator().manual_seed(stage_seed(seed, "decoder"))
-    noise = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-    return decoder.sample(z, states, mask, steps=steps, guidance=guidance, noise=noise, generator=g)
+    states, mask = pipe.caption_states(captions) if use_caption else no_caption(pipe.clip, n)
+    return decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=guidance)
 
 
 def diversity(images: torch.Tensor, judge: TrainedJudge, k: int, shapes_named: list[str] | None = None) -> dict:

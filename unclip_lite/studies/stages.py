@@ -39,7 +39,7 @@ def decode_and_judge(decoder, clip: ClipModel, judge, captions: list[str], z: to
                      steps: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode z_i (N, D) with their captions (fixed noise per seed) and let the judge read the
     images: (images (N, 3, 32, 32) in [-1, 1], hits (N,) bool: every shape, colour and size the
-    caption names read right, see `evaluate.caption_hits`)."""
+    caption names read right, see `judge.caption_hits`)."""
     images = decode_split(decoder, clip, {"captions": list(captions)}, steps=steps, seed=seed, z=z)
     return images, caption_hits(images, captions, judge)["joint"]
 
