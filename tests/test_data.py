@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -126,3 +127,58 @@ def test_tensor_conversions_round_trip():
     x = to_float(torch.from_numpy(img).permute(0, 3, 1, 2))
     assert x.shape == (3, 3, 64, 64) and x.min() >= -1 and x.max() <= 1
     assert (to_numpy_hwc(x) == img).all()
+
+
+def test_exif_orientation_is_applied_and_transparency_becomes_white(tmp_path):
+    tall = np.zeros((40, 20, 3), np.uint8)
+    tall[10:16] = 255  # upright: a white band at the top of the centre square (rows 10-30)
+    im = Image.fromarray(np.rot90(tall).copy())  # stored 20 x 40 wide, EXIF says "rotate 90 CW to view"
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "phone.jpg", exif=exif, quality=100)
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[4:12, 4:12] = (255, 0, 0, 255)  # a red square on a fully transparent ground
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "icon.png")
+    (tmp_path / "captions.jsonl").write_text('{"file": "phone.jpg", "caption": "a photo"}\n'
+                                             '{"file": "icon.png", "caption": "a red icon"}\n')
+    ds = CaptionFolder(tmp_path, image_size=16)
+    photo, icon = ds[0].image, ds[1].image
+    assert photo.shape == (16, 16, 3)
+    assert photo[:3].mean() > 200 and photo[-3:].mean() < 30  # the band on top, as the phone showed it
+    assert abs(photo[:, :3].mean() - photo[:, -3:].mean()) < 10  # not a stripe down one side
+    assert icon[0, 0].tolist() == [255, 255, 255] and icon[8, 8].tolist() == [255, 0, 0]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("../outside.png", r"line 1: file '../outside.png' leads outside the folder"),
+    ("/etc/hostname", r"line 1: file '/etc/hostname' is an absolute path"),
+    ("link.png", r"line 1: file 'link.png' goes through the symlink .*link.png; pass allow_symlinks=True"),
+])
+def test_entries_that_leave_the_folder_are_refused_by_line(tmp_path, name, message):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    Image.fromarray(ShapesWorld("val")[0].image).save(tmp_path / "outside.png")
+    Image.fromarray(ShapesWorld("val")[0].image).save(folder / "im0.png")
+    (folder / "link.png").symlink_to(folder / "im0.png")
+    (folder / "captions.jsonl").write_text(json.dumps({"file": name, "caption": "x"}) + "\n")
+    with pytest.raises(DataError, match=message):
+        CaptionFolder(folder)
+    if name == "link.png":  # a link that stays inside the folder, allowed by the flag
+        assert len(CaptionFolder(folder, allow_symlinks=True)) == 1
+
+
+def test_a_decompression_bomb_is_reported_per_file(tmp_path, monkeypatch):
+    folder = _folder(tmp_path, ['{"file": "im0.png", "caption": "a"}', '{"file": "im1.png", "caption": "b"}'])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # any 32 x 32 image is now "too large"
+    with pytest.raises(DataError, match=r"line 1: image file .*im0.png is too large to decode safely"):
+        CaptionFolder(folder)
+
+
+def test_the_folder_cache_is_keyed_on_file_content(tmp_path):
+    from unclip_lite.data import dataset_key
+    folder = _folder(tmp_path, ['{"file": "im0.png", "caption": "a"}'])
+    before = dataset_key(CaptionFolder(folder), 1)
+    stat = (folder / "im0.png").stat()
+    Image.fromarray(ShapesWorld("val")[1].image).save(folder / "im0.png")  # other pixels...
+    os.utime(folder / "im0.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...same modification time
+    assert dataset_key(CaptionFolder(folder), 1) != before

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import checkpoint as ckpt
 from .shapes import WORLD_VERSION, Sample, ShapesWorld
@@ -35,9 +35,17 @@ class DataError(ValueError):
 
 
 def load_image(path: Path, image_size: int) -> np.ndarray:
-    """Open an image, centre-crop it square and resize to image_size: uint8 (H, W, 3)."""
+    """Open an image, centre-crop it square and resize to image_size: uint8 (H, W, 3).
+
+    The EXIF orientation is applied (phone photos come out upright), and transparent pixels
+    are composited onto white (a transparent icon's background becomes white, not black)."""
     with Image.open(path) as im:
         im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im.alpha_composite(rgba)
         im = im.convert("RGB")
     w, h = im.size
     side = min(w, h)
@@ -55,10 +63,13 @@ class CaptionFolder:
     caption is non-empty), so errors surface at once rather than mid-training.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 64, on_error: str = "raise"):
+    def __init__(self, root: str | Path, image_size: int = 64, on_error: str = "raise",
+                 allow_symlinks: bool = False):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         self.root = Path(root)
+        self.allow_symlinks = allow_symlinks  # follow symlinks whose target lies inside the folder
+        self.digests: dict[Path, str] = {}  # file -> sha1 of its bytes: the cache key is the content
         self.image_size = image_size
         self.on_error = on_error
         self.skipped: list[str] = []
@@ -126,11 +137,24 @@ class CaptionFolder:
         caption = row["caption"]
         if not isinstance(caption, str) or not caption.strip():
             return self._fail(line_no, f"empty caption for {row['file']!r}")
-        path = self.root / str(row["file"])
+        name = str(row["file"])
+        path = self.root / name
+        if Path(name).is_absolute():
+            return self._fail(line_no, f"file {name!r} is an absolute path; entries name files inside {self.root}")
+        root = self.root.resolve()
+        if not path.resolve().is_relative_to(root):
+            return self._fail(line_no, f"file {name!r} leads outside the folder {self.root} (to {path.resolve()})")
+        linked = [p for p in [path, *path.parents] if p.is_relative_to(self.root) and p != self.root and p.is_symlink()]
+        if linked and not self.allow_symlinks:
+            return self._fail(line_no, f"file {name!r} goes through the symlink {linked[0]}; pass "
+                                       "allow_symlinks=True to follow links that stay inside the folder")
         if not path.is_file():
             return self._fail(line_no, f"image file {path} does not exist")
         try:
             load_image(path, self.image_size)
+            self.digests[path] = hashlib.sha1(path.read_bytes()).hexdigest()
+        except Image.DecompressionBombError as e:
+            return self._fail(line_no, f"image file {path} is too large to decode safely ({e})")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             return self._fail(line_no, f"image file {path} cannot be read as an image ({e})")
         attributes = row.get("attributes") or {}
@@ -162,9 +186,9 @@ def dataset_key(dataset, n: int) -> str:
         from .config import to_dict
         ident = json.dumps({"world": to_dict(dataset.cfg), "version": WORLD_VERSION, "split": dataset.split,
                             "n": n}, sort_keys=True)
-    else:  # file names, modification times and captions: an edited folder gets a new cache
+    else:  # file names, their bytes and captions: an edited (or swapped) file gets a new cache
         ident = json.dumps({"root": str(Path(dataset.root).resolve()), "n": n, "size": dataset.image_size,
-                            "entries": [[str(p), p.stat().st_mtime_ns, c] for p, c, _ in dataset.entries[:n]]})
+                            "entries": [[str(p), getattr(dataset, "digests", {}).get(p), c] for p, c, _ in dataset.entries[:n]]})
     return hashlib.sha1(ident.encode()).hexdigest()[:12]
 
 
