@@ -122,7 +122,7 @@ def run(variant: str, seconds: float, points: tuple[float, ...], artifacts: Path
     def build():
         seed_everything(cfg.train.seed)
         model = Decoder(cfg, clip.embed_dim, clip.width)
-        model.set_z_stats(cache["image_emb"])
+        model.set_z_stats(cache["image_embed"])
         return model
 
     loss_fn = decoder_loss(make_diffusion(cfg), cfg.min_snr_gamma)

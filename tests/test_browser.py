@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +28,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PORT = 18_888
-TOKEN = "unclip-lite-browser-test"
 SHOT_DIR = ROOT / "build" / "browser"
 
 pytestmark = pytest.mark.slow
@@ -88,14 +88,15 @@ def lab(tmp_path, smoke_artifacts):
     from unclip_lite.config import get_preset
     from unclip_lite.judge import ensure_judge
     ensure_judge(smoke_artifacts, get_preset("smoke"), progress=False)  # the rest of the stages are in the fixture
+    token = secrets.token_urlsafe(24)  # fresh per run; XSRF checks stay on
     work = tmp_path / "lab"
     work.mkdir()
     pm.execute_notebook(str(ROOT / "notebooks" / "06_manipulations.ipynb"), str(work / "06.ipynb"), prepare_only=True,
                         parameters={"preset": "smoke", "artifacts_dir": str(smoke_artifacts),
                                     "progress": False})
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={PORT}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={TOKEN}", f"--ServerApp.root_dir={work}",
-           "--LabApp.news_url=", "--ServerApp.disable_check_xsrf=True"]
+           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={work}",
+           "--LabApp.news_url="]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
     config_dir = tmp_path / "jupyter_config"  # a clean config: no user settings, no news pop-up over the page
@@ -106,8 +107,8 @@ def lab(tmp_path, smoke_artifacts):
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)})
     try:
-        _wait_for_server(f"http://127.0.0.1:{PORT}/api/status?token={TOKEN}", proc)
-        yield f"http://127.0.0.1:{PORT}/lab/tree/06.ipynb?token={TOKEN}"
+        _wait_for_server(f"http://127.0.0.1:{PORT}/api/status?token={token}", proc)
+        yield f"http://127.0.0.1:{PORT}/lab/tree/06.ipynb?token={token}"
     finally:  # the server and its kernels share the session started for it: kill them by its PID
         try:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -1,4 +1,8 @@
 import json
+import os
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,6 +56,24 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
+def test_artifacts_get_the_umask_mode_and_dead_writers_temporaries_are_cleaned(tmp_path):
+    old = os.umask(0o022)
+    try:
+        ckpt.save_stage(tmp_path / "s", "toy", {"w": torch.ones(2)}, {"a": 1}, metrics={"m": 1})
+    finally:
+        os.umask(old)
+    for name in (ckpt.WEIGHTS, ckpt.CONFIG, ckpt.METRICS):  # readable by others, as open() would make it
+        assert stat.S_IMODE((tmp_path / "s" / name).stat().st_mode) == 0o644, name
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: its writer was killed mid-write
+    stale = tmp_path / "s" / f".model.safetensors.{dead.pid}.0badc0de.tmp"
+    live = tmp_path / "s" / f".metrics.json.{os.getpid()}.0000beef.tmp"  # a live writer's: kept
+    stale.write_bytes(b"half a checkpoint")
+    live.write_bytes(b"{")
+    ckpt.write_json(tmp_path / "s" / ckpt.METRICS, {"m": 2})
+    assert not stale.exists() and live.exists()
+
+
 def test_nested_training_state_round_trips_without_pickle(tmp_path):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
@@ -69,3 +91,9 @@ def test_nested_training_state_round_trips_without_pickle(tmp_path):
     assert b"pickle" not in (tmp_path / "s.safetensors").read_bytes()[:64]
     with pytest.raises(TypeError, match="without pickle"):
         ckpt.save_state(tmp_path / "x.safetensors", {"f": object()})
+
+
+def test_the_device_and_precision_a_stage_was_trained_in_are_in_its_config(tmp_path):
+    ckpt.save_stage(tmp_path / "s", "toy", {"w": torch.ones(2)}, {"a": 1},
+                    metrics={"train": {"steps": 3, "device": "cpu", "precision": "bf16"}})
+    assert ckpt.read_json(tmp_path / "s" / ckpt.CONFIG)["runtime"] == {"device": "cpu", "precision": "bf16"}

@@ -1,4 +1,5 @@
 import dataclasses
+import shutil
 
 import numpy as np
 import open_clip
@@ -211,6 +212,23 @@ def test_smoke_clip_trains_and_writes_a_self_describing_artifact(trained):
     assert again.metrics["created"] == m["created"]
 
 
+def test_the_fingerprint_is_of_the_weights_in_memory(trained, tmp_path):
+    """A kernel that still holds an old CLIP keeps the old fingerprint when another process
+    writes new weights into the folder; a change in memory changes it; a fresh load of a stage
+    has the fingerprint of the file it read."""
+    preset, artifacts, clip = trained
+    folder = tmp_path / "clip"
+    shutil.copytree(artifacts / "clip", folder)
+    held = load_clip_stage(folder)
+    assert held.fingerprint() == ckpt.fingerprint(folder) == clip.fingerprint()
+    other = {k: v + 1e-3 if v.is_floating_point() else v for k, v in clip.model.state_dict().items()}
+    ckpt.save_tensors(folder / ckpt.WEIGHTS, other)  # "another kernel retrained CLIP"
+    assert ckpt.fingerprint(folder) != held.fingerprint() == clip.fingerprint()
+    with torch.no_grad():
+        next(held.model.parameters()).add_(1.0)
+    assert held.fingerprint() != clip.fingerprint()
+
+
 def test_our_checkpoint_loads_through_open_clips_pretrained_path(trained):
     preset, artifacts, clip = trained
     weights = artifacts / "clip" / "model.safetensors"
@@ -249,8 +267,8 @@ def test_embedding_cache_is_computed_once_and_feeds_a_later_stage(trained, monke
     world = ShapesWorld("train", preset.world)
     cache = embedding_cache(clip, world, 256, artifacts / "cache")
     n = 256
-    assert cache["image_emb"].shape == (n, clip.embed_dim) and cache["text_emb"].shape == (n, clip.embed_dim)
-    assert torch.allclose(cache["image_emb"].norm(dim=1), torch.ones(n), atol=1e-4)
+    assert cache["image_embed"].shape == (n, clip.embed_dim) and cache["text_embed"].shape == (n, clip.embed_dim)
+    assert torch.allclose(cache["image_embed"].norm(dim=1), torch.ones(n), atol=1e-4)
     # stored once per distinct caption, and equal to computing them fresh
     unique = sorted(set(cache["captions"]))
     assert cache["text_states"].shape[0] == len(unique) and cache["text_states"].dtype == torch.bfloat16
@@ -263,7 +281,7 @@ def test_embedding_cache_is_computed_once_and_feeds_a_later_stage(trained, monke
     # a second call reads the stored artifact and computes nothing
     monkeypatch.setattr(ClipModel, "encode_images", lambda *a, **k: pytest.fail("recomputed image embeddings"))
     again = embedding_cache(clip, world, 256, artifacts / "cache")
-    assert torch.equal(again["image_emb"], cache["image_emb"]) and again["captions"] == cache["captions"]
+    assert torch.equal(again["image_embed"], cache["image_embed"]) and again["captions"] == cache["captions"]
     monkeypatch.undo()
     # the later stage: cross-attention over token states with the padding masked, predicting z_i
     torch.manual_seed(0)
@@ -276,7 +294,7 @@ def test_embedding_cache_is_computed_once_and_feeds_a_later_stage(trained, monke
 
     def loss():
         out, _ = attend(query, states, states, key_padding_mask=pad)
-        return F.mse_loss(head(out[:, 0]), cache["image_emb"])
+        return F.mse_loss(head(out[:, 0]), cache["image_embed"])
     first = float(loss().detach())
     for _ in range(60):
         opt.zero_grad()
@@ -286,4 +304,4 @@ def test_embedding_cache_is_computed_once_and_feeds_a_later_stage(trained, monke
     assert float(loss().detach()) < first
     # another CLIP (different weights) gets its own cache entry, never stale embeddings
     other = load_clip(preset.clip.model)
-    assert not torch.equal(embedding_cache(other, world, 256, artifacts / "cache")["image_emb"], cache["image_emb"])
+    assert not torch.equal(embedding_cache(other, world, 256, artifacts / "cache")["image_embed"], cache["image_embed"])

@@ -101,7 +101,7 @@ def test_smoke_decoder_trains_samples_inverts_and_reloads(tmp_path, smoke):
 
 
 def test_batches_are_a_pure_function_of_the_step(smoke):
-    cache = {"image_emb": torch.randn(20, 16), "caption_index": torch.arange(20) % 5,
+    cache = {"image_embed": torch.randn(20, 16), "caption_index": torch.arange(20) % 5,
              "text_states": torch.randn(5, 6, 24).to(torch.bfloat16), "text_mask": torch.ones(5, 6, dtype=torch.bool)}
     images = torch.randint(0, 255, (20, 3, 64, 64), dtype=torch.uint8)
     batches = DecoderBatches(images, cache, smoke.decoder, seed=0)
@@ -133,7 +133,7 @@ def test_sampler_comparison_covers_ddim_and_the_two_longest_ddpm_runs():
 
 def test_the_baseline_drops_its_caption_as_often_as_unclip_drops_z():
     images = torch.zeros(8, 3, 32, 32, dtype=torch.uint8)
-    cache = {"image_emb": torch.randn(8, 16), "caption_index": torch.arange(8), "text_states": torch.randn(8, 6, 24),
+    cache = {"image_embed": torch.randn(8, 16), "caption_index": torch.arange(8), "text_states": torch.randn(8, 6, 24),
              "text_mask": torch.ones(8, 6, dtype=torch.bool)}
     cfg = dataclasses.replace(CFG, train=dataclasses.replace(CFG.train, batch_size=4000))
     draws = {flag: DecoderBatches(images, cache, dataclasses.replace(cfg, caption_only=flag), seed=0)(0)["drop_text"]

@@ -63,7 +63,7 @@ def test_diffusion_prior_reads_the_caption_and_dropping_it_cuts_it():
 
 
 def test_conditioning_is_dropped_at_the_configured_rate():
-    cache = {"image_emb": torch.randn(50, 16), "text_emb": torch.randn(50, 16), "caption_index": torch.arange(50) % 5,
+    cache = {"image_embed": torch.randn(50, 16), "text_embed": torch.randn(50, 16), "caption_index": torch.arange(50) % 5,
              "text_states": torch.randn(5, 6, 24).to(torch.bfloat16), "text_mask": torch.ones(5, 6, dtype=torch.bool)}
     batches = PriorBatches(cache, batch_size=1000, seed=0, p_drop_text=0.1)
     rate = torch.cat([batches(s)["drop"] for s in range(20)]).float().mean()

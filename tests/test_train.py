@@ -107,10 +107,28 @@ def test_resume_refuses_a_different_config_but_allows_more_steps(tmp_path):
     assert m["resumed_from"] == 10
 
 
-def test_sigkill_then_resume_continues_the_step_count(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "UNCLIP_PRECISION": "fp32"}
+def test_resume_refuses_another_precision_naming_both(tmp_path, monkeypatch):
+    """precision="auto" resolves per machine: a checkpoint begun in fp32 must not go on in bf16."""
+    model, loss_fn, get_batch = _toy()
+    cfg = TrainConfig(steps=10, checkpoint_every=5, log_every=5, precision="auto")
+    monkeypatch.setenv("UNCLIP_PRECISION", "fp32")
+    train(model, loss_fn, get_batch, cfg, run_dir=tmp_path, progress=False, stop_after=5)
+    assert ckpt.load_state(tmp_path / STATE_FILE)["runtime"] == {"device": "cpu", "precision": "fp32"}
+    monkeypatch.setenv("UNCLIP_PRECISION", "bf16")
+    with pytest.raises(ckpt.ArtifactError, match=r"interrupted run on cpu in fp32; this process runs on cpu in bf16"):
+        train(model, loss_fn, get_batch, cfg, run_dir=tmp_path, progress=False)
+    monkeypatch.setenv("UNCLIP_PRECISION", "fp32")
+    assert train(model, loss_fn, get_batch, cfg, run_dir=tmp_path, progress=False)["resumed_from"] == 5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_sigkill_then_resume_continues_the_step_count_and_matches_an_uninterrupted_run(tmp_path, precision):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     steps = 120
-    proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path), str(steps)], env=env,
+    straight = subprocess.run([sys.executable, str(CHILD), str(tmp_path / "straight"), str(steps), precision], env=env,
+                              capture_output=True, text=True, timeout=300, check=True)
+    tmp_path = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path), str(steps), precision], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     state_path = Path(tmp_path) / STATE_FILE
     deadline = time.time() + 120
@@ -132,16 +150,19 @@ def test_sigkill_then_resume_continues_the_step_count(tmp_path):
     assert killed_at <= state["step"] < steps
     leftovers = [p.name for p in Path(tmp_path).iterdir() if p.name != STATE_FILE]
     assert all(name.endswith(".tmp") for name in leftovers)
-    done = subprocess.run([sys.executable, str(CHILD), str(tmp_path), str(steps)], env=env,
+    done = subprocess.run([sys.executable, str(CHILD), str(tmp_path), str(steps), precision], env=env,
                           capture_output=True, text=True, timeout=300, check=True)
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["resumed_from"] == state["step"]
+    # bitwise the weights of the run that was never interrupted, and the same loss history
+    reference = json.loads(straight.stdout.strip().splitlines()[-1])
+    assert out["weights_sha1"] == reference["weights_sha1"] and out["history"] == reference["history"]
     history_steps = [h[0] for h in out["history"]]
     assert history_steps == sorted(set(history_steps)) and history_steps[-1] == steps  # no step counted twice
     assert out["final_loss"] < out["history"][0][1]
     # the final checkpoint stays until the caller has saved its artifact; a rerun then trains nothing
     assert ckpt.load_state(state_path)["step"] == steps
-    again = subprocess.run([sys.executable, str(CHILD), str(tmp_path), str(steps)], env=env,
+    again = subprocess.run([sys.executable, str(CHILD), str(tmp_path), str(steps), precision], env=env,
                            capture_output=True, text=True, timeout=300, check=True)
     assert json.loads(again.stdout.strip().splitlines()[-1])["resumed_from"] == steps
     clear_state(tmp_path)

@@ -196,7 +196,7 @@ def prompts_for(attribute: str) -> dict[str, list[str]]:
     return out
 
 
-def zero_shot(clip: ClipModel, image_emb: torch.Tensor, attributes: list[dict]) -> dict:
+def zero_shot(clip: ClipModel, image_embed: torch.Tensor, attributes: list[dict]) -> dict:
     """Zero-shot accuracy per attribute by prompting ("a red shape", "a star", ...).
 
     Shape, colour and size are scored on one-object scenes (in a two-object scene "a red shape"
@@ -215,14 +215,14 @@ def zero_shot(clip: ClipModel, image_emb: torch.Tensor, attributes: list[dict]) 
             truth = [attributes[i]["objects"][0][attribute] for i in keep]
         if not keep:
             continue
-        pred = (image_emb[keep] @ class_emb.T).argmax(1)
+        pred = (image_embed[keep] @ class_emb.T).argmax(1)
         result[attribute] = float(np.mean([classes[p] == t for p, t in zip(pred.tolist(), truth)]))
         counts[attribute] = len(keep)
     result["n"] = counts
     return result
 
 
-def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, data: dict, k: int = 5) -> dict:
+def retrieval(image_embed: torch.Tensor, text_embed: torch.Tensor, data: dict, k: int = 5) -> dict:
     """Attribute-matched retrieval between a dataset's images and its captions.
 
     caption->image: for each caption, is the nearest image one it describes (top-1), or among
@@ -232,7 +232,7 @@ def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, data: dict, k: in
     """
     keys = caption_keys(data["captions"], caption_ids(data))
     match = torch.from_numpy(np.asarray(match_matrix(keys, scene_keys(data))))
-    sim = text_emb @ image_emb.T  # (captions, images)
+    sim = text_embed @ image_embed.T  # (captions, images)
     topk = sim.topk(min(k, sim.shape[1]), dim=1).indices
     t2i_1 = match.gather(1, topk[:, :1]).any(1).float().mean()
     t2i_k = match.gather(1, topk).any(1).float().mean()
@@ -241,7 +241,7 @@ def retrieval(image_emb: torch.Tensor, text_emb: torch.Tensor, data: dict, k: in
             "image_to_caption_top1": float(i2t), "n": len(data["captions"])}
 
 
-def modality_gap(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
+def modality_gap(image_embed: torch.Tensor, text_embed: torch.Tensor) -> dict:
     """How far apart the image and text embeddings sit (Liang et al. 2022, "Mind the Gap").
 
     "gap": the distance between the two modalities' centroids (unit-norm embeddings; 0 if they
@@ -249,12 +249,12 @@ def modality_gap(image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict:
     "cos_image_image" / "cos_text_text": mean cosine between random pairs within a modality.
     """
     g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(image_emb), generator=g)
+    perm = torch.randperm(len(image_embed), generator=g)
     return {
-        "gap": float((image_emb.mean(0) - text_emb.mean(0)).norm()),
-        "cos_paired": float((image_emb * text_emb).sum(1).mean()),
-        "cos_image_image": float((image_emb * image_emb[perm]).sum(1).mean()),
-        "cos_text_text": float((text_emb * text_emb[perm]).sum(1).mean()),
+        "gap": float((image_embed.mean(0) - text_embed.mean(0)).norm()),
+        "cos_paired": float((image_embed * text_embed).sum(1).mean()),
+        "cos_image_image": float((image_embed * image_embed[perm]).sum(1).mean()),
+        "cos_text_text": float((text_embed * text_embed[perm]).sum(1).mean()),
     }
 
 
@@ -310,9 +310,10 @@ def load_clip_stage(folder: str | Path, preset: Preset | None = None) -> ClipMod
     """Load the `clip` artifact (through open_clip's own `pretrained=` path loading); with
     `preset`, its stored config must match."""
     folder = Path(folder)
-    _, meta, metrics = ckpt.load_stage(folder, "clip", _stage_config(preset) if preset else None)
-    cfg = from_dict(ClipConfig, meta["config"]["clip"])
-    clip = load_clip(meta["open_clip_model"], pretrained=str(folder / ckpt.WEIGHTS), device=cfg.train.device)
+    with ckpt.stage_lock(folder, exclusive=False):  # open_clip reads the weights file a second time
+        _, meta, metrics = ckpt.load_stage(folder, "clip", _stage_config(preset) if preset else None)
+        cfg = from_dict(ClipConfig, meta["config"]["clip"])
+        clip = load_clip(meta["open_clip_model"], pretrained=str(folder / ckpt.WEIGHTS), device=cfg.train.device)
     clip.metrics, clip.folder = metrics, folder
     return clip
 
@@ -332,11 +333,14 @@ def ensure_clip(artifacts_dir: str | Path, preset: Preset, retrain: bool = False
 # The embedding cache
 
 
+CACHE_FORMAT = 2  # bump when the cache's tensor names or layout change (2: image_embed / text_embed)
+
+
 def embedding_cache(clip: ClipModel, dataset, n: int | None = None, cache_dir: str | Path | None = None,
                     states: bool = True) -> dict:
     """A dataset's CLIP embeddings, computed once and stored as an artifact.
 
-    Returns {"image_emb": (N, D), "text_emb": (N, D), "captions", "attributes"} and, with
+    Returns {"image_embed": (N, D), "text_embed": (N, D), "captions", "attributes"} and, with
     `states`, the per-token text states stored once per *distinct* caption (captions repeat):
     "caption_index" (N,) into "text_states" (U, L, width) bf16 and "text_mask" (U, L), with "L"
     trimmed to the longest caption. z_i and z_t are unit-norm float32.
@@ -348,19 +352,20 @@ def embedding_cache(clip: ClipModel, dataset, n: int | None = None, cache_dir: s
     folder, fingerprint = None, None
     if cache_dir is not None:
         fingerprint = clip.fingerprint()
-        key = hashlib.sha1(json.dumps([dataset_key(dataset, n), fingerprint, states]).encode()).hexdigest()[:12]
+        runtime = [clip.device.type, clip.precision]  # bf16 and fp32 embeddings differ: never mixed
+        key = hashlib.sha1(json.dumps([dataset_key(dataset, n), fingerprint, states, CACHE_FORMAT, runtime]).encode()).hexdigest()[:12]
         folder = Path(cache_dir) / f"clip-{getattr(dataset, 'split', 'folder')}-{key}"
         if (folder / "embeddings.safetensors").exists() and (folder / "samples.json").exists():
             tensors = ckpt.load_tensors(folder / "embeddings.safetensors")
             meta = ckpt.read_json(folder / "samples.json")
             return {**tensors, "captions": meta["captions"], "attributes": meta["attributes"]}
     data = rendered(dataset, n, None if cache_dir is None else Path(cache_dir))
-    out = {"image_emb": clip.encode_images(data["images"]), "captions": data["captions"],
+    out = {"image_embed": clip.encode_images(data["images"]), "captions": data["captions"],
            "attributes": data["attributes"]}
     unique = sorted(set(data["captions"]))
     index = {c: k for k, c in enumerate(unique)}
     text = clip.text_states(unique)
-    out["text_emb"] = text["embedding"][torch.tensor([index[c] for c in data["captions"]], dtype=torch.long)]
+    out["text_embed"] = text["embedding"][torch.tensor([index[c] for c in data["captions"]], dtype=torch.long)]
     if states:
         length = int(text["mask"].sum(1).max()) if len(unique) else 0
         out["caption_index"] = torch.tensor([index[c] for c in data["captions"]], dtype=torch.long)

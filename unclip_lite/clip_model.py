@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .images import check_images
 from .runtime import attention_backend, autocast, resolve_device, resolve_precision
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -56,16 +57,26 @@ class ClipModel:
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean = torch.tensor(getattr(model.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(getattr(model.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+        if not hasattr(model, "transformer") or not hasattr(model, "text_projection"):
+            raise ValueError(f"open_clip model {name!r} ({type(model).__name__}) has no CLIP-style text tower "
+                             "(`transformer` and `text_projection`): the decoder and priors read its per-token "
+                             "states, so unclip_lite supports open_clip's CLIP models, not SigLIP/CoCa-style ones")
         self.embed_dim = int(model.text_projection.shape[1]) if model.text_projection is not None else None
         self.context_length = int(model.context_length)
         self.width = int(model.transformer.width)
 
     def fingerprint(self) -> str:
-        """Identifies these weights (`checkpoint.fingerprint`): the sha1 of the artifact file the
-        model was loaded from, or of its tensors; later stages record it and check it on load."""
-        folder = getattr(self, "folder", None)
-        return ckpt.fingerprint(folder) if folder is not None and (Path(folder) / ckpt.WEIGHTS).exists() \
-            else ckpt.fingerprint(state_dict=self.model.state_dict())
+        """Identifies the weights in memory now (`checkpoint.fingerprint`): equal to the stage
+        file's hash for a model loaded from (or just saved to) a stage folder, and different
+        once the weights change, whatever another process has since written to that folder.
+        Later stages record it and check it on load; embedding caches are keyed by it.
+        Remembered until a tensor changes in place (torch bumps its `_version` on every
+        in-place write, optimiser steps and `load_state_dict` included)."""
+        state = self.model.state_dict()
+        versions = tuple((k, id(v.untyped_storage()), v._version) for k, v in state.items())
+        if getattr(self, "_fingerprint_of", (None,))[0] != versions:
+            self._fingerprint_of = (versions, ckpt.fingerprint(state_dict=state))
+        return self._fingerprint_of[1]
 
     # -- inputs --------------------------------------------------------------------------------
     def prepare(self, images) -> torch.Tensor:
@@ -74,8 +85,7 @@ class ClipModel:
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"numpy images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
             images = torch.from_numpy(images).permute(0, 3, 1, 2)
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
+        check_images(images)
         x = images.float().div(255.0) if images.dtype == torch.uint8 else images.float().add(1).div(2)
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic", align_corners=False,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -54,6 +55,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between resumable checkpoints (0: only at the end)
     log_every: int = 10  # steps between loss-history entries
     seed: int = 0  # seeds the model init and the per-step batch sampling
+
+    def __post_init__(self):
+        check_train_config(self)
 
 
 @dataclass
@@ -291,6 +295,32 @@ def to_dict(cfg) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def check_train_config(cfg: TrainConfig) -> None:
+    """Refuse values the loop cannot run with, naming the field (presets, JSON and --set alike)."""
+    def bad(field_, allowed):
+        raise ValueError(f"train.{field_} = {getattr(cfg, field_)!r}: must be {allowed}")
+    for name in ("steps", "batch_size", "log_every"):
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 1:
+            bad(name, "an integer >= 1")
+    for name in ("warmup_steps", "checkpoint_every", "ema_start", "seed"):
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 0:
+            bad(name, "an integer >= 0")
+    if not (isinstance(cfg.lr, (int, float)) and math.isfinite(cfg.lr) and cfg.lr > 0):
+        bad("lr", "a finite number > 0")
+    if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
+        bad("betas", "two numbers in [0, 1)")
+    if not 0 <= cfg.ema_decay < 1:
+        bad("ema_decay", "in [0, 1)")
+    for name in ("weight_decay", "grad_clip", "min_lr_ratio", "eps"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            bad(name, "a finite number >= 0")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _convert(tp, value, where: str):
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -306,6 +336,8 @@ def _convert(tp, value, where: str):
             raise ValueError(f"config field {where}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(args[0], v, where) for v in value)
+        if len(value) != len(args):
+            raise ValueError(f"config field {where}: expected {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_convert(a, v, where) for a, v in zip(args, value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

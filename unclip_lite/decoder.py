@@ -63,11 +63,11 @@ class Decoder(nn.Module):
             self.z_emb = nn.Linear(z_dim, self.unet.emb_dim)
             self.z_tokens = nn.Linear(z_dim, cfg.n_z_tokens * ctx)
 
-    def set_z_stats(self, image_emb: torch.Tensor) -> None:
+    def set_z_stats(self, image_embed: torch.Tensor) -> None:
         """Store the per-dimension mean and std of the training z_i (cfg.z_norm == "standard")."""
         if self.cfg.z_norm == "standard":
-            self.z_mean.copy_(image_emb.float().mean(0))
-            self.z_std.copy_(image_emb.float().std(0).clamp_min(1e-4))
+            self.z_mean.copy_(image_embed.float().mean(0))
+            self.z_std.copy_(image_embed.float().std(0).clamp_min(1e-4))
         elif self.cfg.z_norm != "none":
             raise ValueError(f"unknown z_norm {self.cfg.z_norm!r}; choose 'standard' or 'none'")
 
@@ -118,8 +118,8 @@ class DecoderBatches:
         self.diffusion = make_diffusion(cfg)
         # the baseline's caption is its only condition: dropped as often as unCLIP's z_i
         self.p_drop_text = cfg.p_drop_z if cfg.caption_only else cfg.p_drop_text
-        if len(self.images) != len(cache["image_emb"]):
-            raise ValueError(f"{len(self.images)} images but {len(cache['image_emb'])} cached embeddings")
+        if len(self.images) != len(cache["image_embed"]):
+            raise ValueError(f"{len(self.images)} images but {len(cache['image_embed'])} cached embeddings")
 
     def __call__(self, step: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
@@ -127,7 +127,7 @@ class DecoderBatches:
         idx = torch.randint(len(self.images), (b,), generator=g)
         rows = self.cache["caption_index"][idx]
         x0 = to_float(self.images[idx])
-        return {"x0": x0, "z": self.cache["image_emb"][idx], "states": self.cache["text_states"][rows].float(),
+        return {"x0": x0, "z": self.cache["image_embed"][idx], "states": self.cache["text_states"][rows].float(),
                 "mask": self.cache["text_mask"][rows],
                 "t": self.diffusion.sample_t(b, g, self.cfg.t_sampling, self.cfg.t_logsnr),
                 "noise": torch.randn(x0.shape, generator=g),
@@ -230,7 +230,7 @@ def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_
     stage_config = _stage_config(preset, clip, caption_only)
     seed_everything(cfg.train.seed)
     model = Decoder(cfg, clip.embed_dim, clip.width)  # NCHW: channels_last measured slower here
-    model.set_z_stats(cache["image_emb"])
+    model.set_z_stats(cache["image_embed"])
     diffusion = make_diffusion(cfg)
     train_metrics = train(model, decoder_loss(diffusion, cfg.min_snr_gamma), DecoderBatches(images, cache, cfg, cfg.train.seed),
                           cfg.train, run_dir=out_dir, progress=progress,

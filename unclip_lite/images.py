@@ -39,9 +39,30 @@ def resize_uint8(images: torch.Tensor, size: int, chunk: int = 4096) -> torch.Te
     return torch.cat(out)
 
 
+def check_images(images, name: str = "images") -> torch.Tensor:
+    """Refuse, rather than guess: images must be a tensor (N, 3, H, W), uint8 in [0, 255] or
+    floating point in [-1, 1] (the models' convention). Returns them unchanged."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor (N, 3, H, W), got {type(images).__name__}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"{name} must have shape (N, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype != torch.uint8:
+        if not images.is_floating_point():
+            raise TypeError(f"{name} must be uint8 in [0, 255] or float in [-1, 1], got dtype {images.dtype}")
+        if images.numel() and not torch.isfinite(images).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        lo, hi = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
+        if lo < -1.001 or hi > 1.001:
+            raise ValueError(f"float {name} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]; "
+                             "for images in [0, 1] pass x * 2 - 1, for [0, 255] pass them as uint8")
+    return images
+
+
 def to_model_images(images, size: int = IMAGE_SIZE) -> torch.Tensor:
     """uint8 (N, 3, H, W) or float [-1, 1] images -> float [-1, 1] at `size` px (the decoder's 32
-    by default), resized the way the decoder's training images were (bicubic, antialiased)."""
+    by default), resized the way the decoder's training images were (bicubic, antialiased).
+    Anything else is refused (`check_images`)."""
+    check_images(images)
     if images.dtype == torch.uint8:
         return to_float(resize_uint8(images, size))
     x = images.float()

@@ -19,7 +19,7 @@ from .clip import caption_states, load_clip_stage
 from .clip_model import ClipModel
 from .decoder import TrainedDecoder, load_decoder
 from .prior import load_prior
-from .runtime import stage_seed
+from .runtime import check_arg, check_seed, stage_seed
 from .upsampler import load_upsampler
 
 PRIOR_KINDS = ("diffusion", "ar")
@@ -27,6 +27,15 @@ PRIOR_KINDS = ("diffusion", "ar")
 
 class PipelineError(ValueError):
     """Bad input to the pipeline, or stages that do not fit together."""
+
+
+def check_sampling(seed: int = 0, batch_size: int = 1, **settings) -> None:
+    """Refuse bad sampling arguments before any work, naming each: guidance scales and eta are
+    finite and >= 0, steps an integer >= 1, batch_size an integer >= 1, the seed in [0, 2**63)."""
+    check_seed(seed)
+    check_arg("batch_size", batch_size, minimum=1, integer=True, none_ok=False)
+    for name, value in settings.items():
+        check_arg(name, value, minimum=1, integer=True) if name == "steps" else check_arg(name, value)
 
 
 class UnCLIP:
@@ -118,6 +127,8 @@ class UnCLIP:
         the same images. With `return_intermediates`, returns a dict with "z_i", "x32" and "x64".
         """
         captions = self.check_captions(captions)
+        check_sampling(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, steps=steps,
+                       batch_size=batch_size, seed=seed)
         if prior not in self.priors:
             raise PipelineError(f"prior {prior!r} is not loaded; loaded: {sorted(self.priors)}")
         z = self.priors[prior].sample(captions, guidance=prior_guidance, seed=stage_seed(seed, "prior"))  # (N, D)
@@ -131,6 +142,9 @@ class UnCLIP:
                return_intermediates: bool = False):
         """Decode given z_i (N, D) with their captions (`TrainedDecoder.decode`: x_T from the seed, or
         `noise`), then upsample."""
+        if len(captions) != len(z):
+            raise PipelineError(f"{len(z)} embeddings z_i but {len(captions)} captions: give one caption per z_i")
+        check_sampling(decoder_guidance=decoder_guidance, steps=steps, batch_size=batch_size, eta=eta, seed=seed)
         states, mask = self.caption_states(captions)
         x32 = self.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=decoder_guidance, eta=eta,
                                   noise=noise, batch_size=batch_size, progress=progress)

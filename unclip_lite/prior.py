@@ -56,9 +56,9 @@ class PriorBatches:
     def __call__(self, step: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         b, c = self.batch_size, self.cache
-        idx = torch.randint(len(c["image_emb"]), (b,), generator=g)
+        idx = torch.randint(len(c["image_embed"]), (b,), generator=g)
         rows = c["caption_index"][idx]
-        batch = {"image_embed": c["image_emb"][idx], "text_embed": c["text_emb"][idx],
+        batch = {"image_embed": c["image_embed"][idx], "text_embed": c["text_embed"][idx],
                  "states": c["text_states"][rows].float(), "mask": c["text_mask"][rows]}
         if self.diffusion:
             batch.update(t=torch.randint(0, 1000, (b,), generator=g),
@@ -229,8 +229,8 @@ def eval_pool(clip: ClipModel, preset: Preset, n_pool: int, cache_dir: Path | No
     out = {}
     for split in ("val", "heldout"):
         data = rendered(ShapesWorld(split, preset.world), n_pool, cache_dir)
-        out[split] = {**data, "image_emb": clip.encode_images(data["images"])}
-    out["z"] = torch.cat([out["val"]["image_emb"], out["heldout"]["image_emb"]])
+        out[split] = {**data, "image_embed": clip.encode_images(data["images"])}
+    out["z"] = torch.cat([out["val"]["image_embed"], out["heldout"]["image_embed"]])
     out["attributes"] = out["val"]["attributes"] + out["heldout"]["attributes"]
     return out
 
@@ -257,7 +257,7 @@ def evaluate_prior(trained: TrainedPrior, preset: Preset, cache_dir: Path | None
     for split in ("val", "heldout"):
         data = pool[split]
         n = min(cfg.n_eval, len(data["captions"]))
-        captions, truth = data["captions"][:n], data["image_emb"][:n]
+        captions, truth = data["captions"][:n], data["image_embed"][:n]
         z_t, states, mask = trained.encode(captions)
         res = {"n": n, "baseline_text_embed": {
             "cosine": _round(F.cosine_similarity(z_t, truth)),
@@ -329,19 +329,19 @@ def train_prior(preset: Preset, clip: ClipModel, out_dir: str | Path, kind: str 
     extra, k = {}, None
     if kind == "diffusion":
         model = DiffusionPrior(cfg, clip.embed_dim, clip.width, text_length)
-        model.set_stats(cache["image_emb"], cache["text_emb"])
+        model.set_stats(cache["image_embed"], cache["text_embed"])
         loss_fn = diffusion_prior_loss(make_diffusion(cfg))
         batches = PriorBatches(cache, cfg.train.batch_size, cfg.train.seed, cfg.p_drop_text)
     else:
-        fit = {key: v.float() for key, v in pca(cache["image_emb"]).items()}
+        fit = {key: v.float() for key, v in pca(cache["image_embed"]).items()}
         k = components_for(fit["explained"], cfg.variance_kept)
         model = ARPrior(cfg, clip.embed_dim, clip.width, text_length, k)
-        model.set_stats(cache["image_emb"], cache["text_emb"], fit)
+        model.set_stats(cache["image_embed"], cache["text_embed"], fit)
         loss_fn = ar_prior_loss
         batches = PriorBatches(cache, cfg.train.batch_size, cfg.train.seed, diffusion=False)
         extra = {"k": k, "pca_explained": [round(float(e), 6) for e in fit["explained"]],
                  "quantisation": {str(key): v for key, v in quantisation_report(
-                     cache["image_emb"], fit, k, (8, 16, 32, 64, 128, 256, 1024)).items()}}
+                     cache["image_embed"], fit, k, (8, 16, 32, 64, 128, 256, 1024)).items()}}
     train_metrics = train(model, loss_fn, batches, cfg.train, run_dir=out_dir, progress=progress,
                           desc=f"{kind} prior", run_config=stage_config)
     model.cpu()

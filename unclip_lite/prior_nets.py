@@ -72,8 +72,8 @@ class DiffusionPrior(nn.Module):
         for name in ("image_mean", "image_std", "text_mean", "text_std"):  # stored with the weights
             self.register_buffer(name, torch.zeros(z_dim) if "mean" in name else torch.ones(z_dim))
 
-    def set_stats(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> None:
-        for prefix, z in (("image", image_emb), ("text", text_emb)):
+    def set_stats(self, image_embed: torch.Tensor, text_embed: torch.Tensor) -> None:
+        for prefix, z in (("image", image_embed), ("text", text_embed)):
             mean, std = embedding_stats(z, self.cfg.normalisation)
             getattr(self, f"{prefix}_mean").copy_(mean)
             getattr(self, f"{prefix}_std").copy_(std)
@@ -156,13 +156,13 @@ class ARPrior(nn.Module):
         self.register_buffer("hi", torch.ones(k))
         self.register_buffer("dot_edges", torch.zeros(cfg.dot_buckets - 1))
 
-    def set_stats(self, image_emb: torch.Tensor, text_emb: torch.Tensor, fit: dict) -> None:
+    def set_stats(self, image_embed: torch.Tensor, text_embed: torch.Tensor, fit: dict) -> None:
         self.pca_mean.copy_(fit["mean"])
         self.pca_components.copy_(fit["components"][:self.k])
-        c = self.coefficients(image_emb)
+        c = self.coefficients(image_embed)
         self.lo.copy_(c.min(0).values)
         self.hi.copy_(c.max(0).values)
-        dots = (image_emb * text_emb).sum(1).double()
+        dots = (image_embed * text_embed).sum(1).double()
         q = torch.arange(1, self.cfg.dot_buckets, dtype=torch.float64) / self.cfg.dot_buckets
         self.dot_edges.copy_(torch.quantile(dots, q).float())
 

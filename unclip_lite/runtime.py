@@ -8,6 +8,7 @@ depending on the operation and the run (`benchmarks/bench_precision.py`).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 from functools import lru_cache
@@ -87,6 +88,27 @@ def attention_backend():
 STREAMS = {"prior": 0, "decoder": 1, "upsampler": 2}  # one random stream per stage and seed
 
 
+def check_seed(seed) -> int:
+    """A seed is an integer in [0, 2**63): refuse anything else with a message that says so."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 63:
+        raise ValueError(f"seed = {seed!r}: must be an integer in [0, 2**63)")
+    return int(seed)
+
+
+def check_arg(name: str, value, minimum: float = 0, integer: bool = False, none_ok: bool = True):
+    """Refuse a bad numeric argument, naming it, its value and what is allowed: an integer (when
+    `integer`) or a finite number, >= `minimum`; None when `none_ok` (meaning "the default")."""
+    if value is None and none_ok:
+        return None
+    what = ("an integer" if integer else "a finite number") + f" >= {minimum:g}" + (" (or None: the default)" if none_ok else "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} = {value!r}: must be {what}")
+    if (integer and not isinstance(value, (int, np.integer))) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} = {value!r}: must be {what}")
+    return value
+
+
 def stage_seed(seed: int, stage: str) -> int:
     """The seed of `stage`'s random stream for a user seed: distinct stages never share noise."""
+    check_seed(seed)
     return int(np.random.SeedSequence([seed, STREAMS[stage]]).generate_state(1)[0])

@@ -3,6 +3,7 @@ use), `ensure_stage` (load a stage's artifact, or train it when it is missing or
 `save_results` (a study's settings and measurements, written beside the stages)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,26 +40,32 @@ class TrainedDenoiser(TrainedModel):
 
 
 def ensure_stage(folder: str | Path, label: str, load: Callable[[], Any], train_new: Callable[[], Any],
-                 retrain: bool = False) -> Any:
+                 retrain: bool = False, wait: bool | None = None) -> Any:
     """Load a stage's artifact with `load()`, or train it with `train_new()` when it is missing.
 
     A stored artifact made with another config (`load` raises ConfigMismatchError), or any
     stored artifact when `retrain`, is moved aside to `<folder>.stale-<time>` first: nothing saved
     is lost, and the message says which fields differed. With `retrain` and no artifact, an
     interrupted run's checkpoint is removed so that the new run starts over.
+
+    All of it happens under the folder's exclusive lock (`checkpoint.stage_lock`): a second
+    process that wants the same stage waits for the first (and then loads what it trained), or
+    with `wait=False` (or UNCLIP_LOCK_WAIT=0) fails at once naming the process that holds it.
     """
     folder = Path(folder)
-    if ckpt.stage_exists(folder):
-        reason = "retrain=True"
-        if not retrain:
-            try:
-                return load()
-            except ckpt.ConfigMismatchError as err:
-                reason = "its config differs: " + "; ".join(err.differences)
-        print(f"{folder.name}: moved the stored {label} to {ckpt.archive_stage(folder)} ({reason}); training a new one")
-    elif retrain:
-        clear_state(folder)
-    return train_new()
+    wait = os.environ.get("UNCLIP_LOCK_WAIT", "1") != "0" if wait is None else wait
+    with ckpt.stage_lock(folder, wait=wait):
+        if ckpt.stage_exists(folder):
+            reason = "retrain=True"
+            if not retrain:
+                try:
+                    return load()
+                except ckpt.ConfigMismatchError as err:
+                    reason = "its config differs: " + "; ".join(err.differences)
+            print(f"{folder.name}: moved the stored {label} to {ckpt.archive_stage(folder)} ({reason}); training a new one")
+        elif retrain:
+            clear_state(folder)
+        return train_new()
 
 
 def without_images(result):

@@ -110,6 +110,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
     start, resumed_from = 0, None
     state_path = Path(run_dir) / STATE_FILE if run_dir is not None else None
     full_config = {"train": config_lib.to_dict(cfg), "run": run_config or {}}
+    runtime = {"device": device.type, "precision": precision}  # part of the run's identity
 
     if state_path is not None and state_path.exists():
         state = ckpt.load_state(state_path)
@@ -117,6 +118,13 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         if differences:
             raise ckpt.ConfigMismatchError(state_path, differences, advice=(
                 f"It is an interrupted run's checkpoint; delete {state_path} to start this run over."))
+        stored = state.get("runtime")
+        if stored is not None and stored != runtime:
+            raise ckpt.ArtifactError(
+                f"{state_path} is an interrupted run on {stored['device']} in {stored['precision']}; this process "
+                f"runs on {runtime['device']} in {runtime['precision']}, and a resume must not switch precision "
+                f"mid-run. Resume where it started (or set UNCLIP_PRECISION={stored['precision']}), or delete "
+                f"{state_path} to start over.")
         model.load_state_dict(state["model"])
         ema.shadow = {k: v.float() for k, v in state["ema"].items()}
         opt.load_state_dict(state["optimizer"])
@@ -130,7 +138,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         ckpt.save_state(state_path, {
             "step": step, "model": model.state_dict(), "ema": ema.shadow,
             "optimizer": opt.state_dict(), "rng": torch.get_rng_state(),
-            "history": history, "config": full_config,
+            "history": history, "config": full_config, "runtime": runtime,
         })
 
     end = cfg.steps if stop_after is None else stop_after
@@ -168,10 +176,12 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
             bar.set_postfix(loss=f"{loss_sum / loss_n:.4f}")
             loss_sum, loss_n = 0.0, 0
         bar.update(1)
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
-            save_checkpoint(step + 1)
+        # the snapshot first: a kill between the two writes then resumes from the older
+        # checkpoint and writes the snapshot again, instead of resuming past it and losing it
         if step + 1 in snapshot_steps and run_dir is not None:
             ckpt.save_tensors(snapshot_path(run_dir, step + 1), ema.state_dict(model))
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
+            save_checkpoint(step + 1)
     bar.close()
     wall = time.perf_counter() - t0
     if start < end:

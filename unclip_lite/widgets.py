@@ -15,6 +15,7 @@ millisecond). `explorer.calls` counts the expensive calls, so the caching is tes
 """
 from __future__ import annotations
 
+import html
 import io
 import time
 from collections import Counter
@@ -158,7 +159,7 @@ class InterpolationExplorer(Explorer):
         self.mode = W.ToggleButtons(options=["fixed", "inverted"], value=mode, description="x_T")
         self.mode.add_class("unclip-interpolation-mode")
         self._watch(self.theta, self.mode, self.upsample)
-        self.widget = self._layout(W.HTML(f"<b>A</b>: {self.labels[0]} &nbsp; <b>B</b>: {self.labels[1]}"),
+        self.widget = self._layout(W.HTML(f"<b>A</b>: {html.escape(self.labels[0])} &nbsp; <b>B</b>: {html.escape(self.labels[1])}"),
                                    self.theta, self.mode)
         self.update()
 

@@ -40,13 +40,13 @@ def what_it_keeps(features: dict[str, torch.Tensor], data: dict) -> dict:
     return out
 
 
-def gap_axis(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gap_axis(image_embed: torch.Tensor, text_embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each embedding's coordinate along the line joining the two modalities' centroids."""
-    axis = F.normalize(image_emb.mean(0) - text_emb.mean(0), dim=0)
-    return image_emb @ axis, text_emb @ axis
+    axis = F.normalize(image_embed.mean(0) - text_embed.mean(0), dim=0)
+    return image_embed @ axis, text_embed @ axis
 
 
-def description_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, data: dict) -> dict:
+def description_similarity(image_embed: torch.Tensor, text_embed: torch.Tensor, data: dict) -> dict:
     """Mean cosine between embeddings that share a description, within and across modalities.
 
     "image_image": an image and another image its caption also describes; "text_image": a
@@ -54,8 +54,8 @@ def description_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor, data
     """
     keys = caption_keys(data["captions"], caption_ids(data))
     match = torch.from_numpy(np.asarray(match_matrix(keys, scene_keys(data))))
-    ii = image_emb @ image_emb.T
+    ii = image_embed @ image_embed.T
     other = match & ~torch.eye(len(match), dtype=torch.bool)
-    ti = text_emb @ image_emb.T
+    ti = text_embed @ image_embed.T
     return {"image_image": float(ii[other].mean()), "text_image": float(ti[match].mean()),
             "pairs": int(other.sum())}
