@@ -107,21 +107,28 @@ def _temporaries(folder):
     return list(folder.rglob("*.tmp"))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_upsampler(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("clean")
+    clean = _train("upsampler", folder)
+    assert clean.returncode == 0, clean.stderr[-2000:]
+    return folder / "upsampler"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kill_at", ["upsampler/model.safetensors", "upsampler/config.json",
                                      "upsampler/metrics.json", "samples.json"])
-def test_a_kill_during_a_stage_save_or_a_cache_write_then_a_rerun_gives_the_uninterrupted_stage(tmp_path, kill_at):
+def test_a_kill_during_a_stage_save_or_a_cache_write_then_a_rerun_gives_the_uninterrupted_stage(
+        tmp_path, kill_at, uninterrupted_upsampler):
     """Killed mid-save (weights written, config not yet; or the render cache half written):
     the rerun finishes, the stage is whole and bitwise the stage of a run never interrupted."""
-    clean = _train("upsampler", tmp_path / "clean")
-    assert clean.returncode == 0, clean.stderr[-2000:]
     killed = _train("upsampler", tmp_path / "run", kill_at=kill_at)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not ckpt.stage_exists(tmp_path / "run" / "upsampler")  # a half-saved stage is not a stage
     assert _temporaries(tmp_path / "run")  # the dead writer's temporary file is still there...
     again = _train("upsampler", tmp_path / "run")
     assert again.returncode == 0, again.stderr[-2000:]
-    ours, ref = tmp_path / "run" / "upsampler", tmp_path / "clean" / "upsampler"
+    ours, ref = tmp_path / "run" / "upsampler", uninterrupted_upsampler
     assert ckpt.fingerprint(ours) == ckpt.fingerprint(ref)
     assert ckpt.read_json(ours / ckpt.CONFIG) == ckpt.read_json(ref / ckpt.CONFIG)
     assert not _temporaries(tmp_path / "run")  # ...until the rerun writes that folder again

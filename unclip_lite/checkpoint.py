@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from . import config as config_lib
+from .runtime import barrier, is_main_process
 
 FORMAT_VERSION = 1
 WEIGHTS, CONFIG, METRICS = "model.safetensors", "config.json", "metrics.json"
@@ -103,6 +104,8 @@ def _atomic_write(path: Path, write) -> None:
     """`write(tmp)` into a temporary file beside `path`, fsync it, rename it over `path`, fsync the
     folder. The file gets the mode an ordinary open() gives (0666 less the umask), so other users
     and containers can read the artifacts; temporary files of dead writers are removed first."""
+    if not is_main_process():  # under torchrun rank 0 alone writes; the others hold the same values
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temp_files(path.parent)
     tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
@@ -205,6 +208,9 @@ def stage_lock(folder: str | Path, exclusive: bool = True, wait: bool = True):
     with `wait=False` raises StageBusyError with that message. A lock dies with its holder,
     so a killed writer's lock is simply taken over. Re-entrant within one process."""
     path = lock_path(folder)
+    if not is_main_process():  # under torchrun rank 0 holds the lock for all ranks (it alone writes)
+        yield
+        return
     if path in _HELD:  # this process holds it already (a load inside ensure_stage, say)
         _HELD[path][1] += 1
         try:
@@ -272,12 +278,15 @@ def save_stage(folder: str | Path, stage: str, state_dict: dict[str, torch.Tenso
                                      **(extra or {})})
         write_json(folder / METRICS, {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                       **(metrics or {})})
+    barrier()  # under torchrun: the other ranks read the stage only once rank 0 has written it
     return folder
 
 
 def archive_stage(folder: str | Path) -> Path:
     """Move a stage folder aside (to `<name>.stale-<UTC time>`) so nothing saved is lost."""
     folder = Path(folder)
+    if not is_main_process():  # rank 0 moves it; the others only learn the name
+        return folder.with_name(f"{folder.name}.stale-(moved by rank 0)")
     with stage_lock(folder):
         stamp = f"{folder.name}.stale-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         target, n = folder.with_name(stamp), 1

@@ -35,7 +35,7 @@ from .config import ClipConfig, Preset, from_dict, to_dict
 from .data import dataset_key, rendered
 from .clip_model import ClipModel, load_clip
 from .images import resize_uint8
-from .runtime import attention_backend, seed_everything
+from .runtime import attention_backend, main_process_first, seed_everything, world
 from .shapes import (BACKGROUNDS, COLOURS, PROMPT_ATTRIBUTES, SHAPES, SIZES, ShapesWorld, caption_codes,
                      match_matrix, partial_caption, scene_codes)
 from .stage import ensure_stage
@@ -73,13 +73,18 @@ MAX_LOGIT_SCALE = 100.0  # CLIP clamps the learned temperature at 100
 
 
 def clip_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-    """The training loss for `train`: contrastive with multi-positives, in bf16 where enabled."""
+    """The training loss for `train`: contrastive with multi-positives, in bf16 where enabled.
+
+    Under torchrun each rank encodes its slice of the batch and open_clip's own distributed loss
+    (`world_size`, `rank`, `gather_with_grad=True`) gathers every rank's features, so each rank
+    scores the whole global batch against the global positives matrix (passed unsharded)."""
     ctx = attention_backend() if batch["image"].device.type == "cpu" else contextlib.nullcontext()
     with ctx:
-        zi = model.encode_image(batch["image"], normalize=True)
-        zt = model.encode_text(batch["text"], normalize=True)
-    scale = model.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-    loss = LOSS(zi.float(), zt.float(), scale.float(), batch["positives"])
+        zi, zt, scale = model(batch["image"], batch["text"])[:3]  # through forward(): DDP needs it
+    scale = scale.clamp(max=MAX_LOGIT_SCALE)
+    rank, size = world()
+    loss_fn = LOSS if size == 1 else MultiPositiveClipLoss(gather_with_grad=True, rank=rank, world_size=size)
+    loss = loss_fn(zi.float(), zt.float(), scale.float(), batch["positives"])
     return loss, {"logit_scale": scale.detach()}
 
 
@@ -158,7 +163,8 @@ class ClipBatches:
         idx, captions, keys = self.sample(step)
         positives = torch.from_numpy(np.asarray(match_matrix(keys.numpy(), self.scene[idx].numpy())))
         images = self.clip.prepare(self.images[idx]).contiguous(memory_format=torch.channels_last)
-        return {"image": images, "text": self._tokens(captions), "positives": positives}
+        return {"image": images, "text": self._tokens(captions), "positives": positives,
+                "unsharded": ("positives",)}  # (B, B): the loss scores the global batch on every rank
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +352,14 @@ def embedding_cache(clip: ClipModel, dataset, n: int | None = None, cache_dir: s
     trimmed to the longest caption. z_i and z_t are unit-norm float32.
 
     The cache lives in `cache_dir/clip-<split>-<key>`, keyed by the dataset, n and the CLIP
-    weights' fingerprint, so a retrained CLIP never reads stale embeddings.
+    weights' fingerprint, so a retrained CLIP never reads stale embeddings. Under torchrun rank 0
+    builds it while the other ranks wait, then they read it.
     """
+    with main_process_first():
+        return _embedding_cache(clip, dataset, n, cache_dir, states)
+
+
+def _embedding_cache(clip: ClipModel, dataset, n: int | None, cache_dir: str | Path | None, states: bool) -> dict:
     n = len(dataset) if n is None else min(n, len(dataset))
     folder, fingerprint = None, None
     if cache_dir is not None:

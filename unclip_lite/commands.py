@@ -4,6 +4,10 @@ The same `ensure_*` calls the notebooks make, so a stage trained here is the one
 and a notebook run later finds it. `--set` changes any preset field by its dotted path
 (`decoder.train.steps=4000`); the change is part of the stage's stored config, so a later run
 with other settings moves this artifact aside instead of mixing the two.
+
+Under torchrun the same command trains data-parallel (train.py: DDP, gloo on CPU, nccl on CUDA):
+
+    torchrun --nproc-per-node 2 -m unclip_lite train decoder --preset gpu --artifacts build/artifacts
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from .config import PRESETS, get_preset, set_field
 from .decoder import ensure_decoder
 from .judge import ensure_judge
 from .prior import ensure_prior
+from .runtime import init_distributed
 from .upsampler import ensure_upsampler
 
 STAGES = ("judge", "clip", "decoder", "decoder-caption-only", "prior", "ar-prior", "upsampler")
@@ -28,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m unclip_lite train",
         description="Train one stage (and any earlier stage it needs) into an artifacts folder.",
         epilog=f"stages: {', '.join(STAGES)}; presets: {presets}. Example: python -m unclip_lite train decoder "
-               "--preset course --set decoder.train.steps=4000 --set decoder.train.device=cuda")
+               "--preset course --set decoder.train.steps=4000 --set decoder.train.device=cuda. "
+               "Several processes: torchrun --nproc-per-node N -m unclip_lite train STAGE ... (README: scaling out)")
     ap.add_argument("stage", choices=STAGES, help="the stage to train")
     ap.add_argument("--preset", default="course", choices=sorted(PRESETS), help="the preset (default: course)")
     ap.add_argument("--artifacts", type=Path, default=Path("build/artifacts"), help="the artifacts folder")
@@ -55,6 +61,7 @@ def apply_overrides(preset, overrides: list[str]):
 def train_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     preset = apply_overrides(get_preset(args.preset), args.overrides)
+    rank, world_size = init_distributed(preset.judge.train.device)  # under torchrun: every rank runs this
     progress, folder = not args.no_progress, args.artifacts
     t0 = time.perf_counter()
     if args.stage == "judge":
@@ -73,6 +80,11 @@ def train_main(argv: list[str]) -> int:
                                    retrain=args.retrain, progress=progress)
     metrics = getattr(trained, "metrics", {}) or {}
     summary = {"stage": args.stage, "preset": preset.name, "artifacts": str(folder), "seconds": round(time.perf_counter() - t0, 1),
-               "train": {k: metrics.get("train", {}).get(k) for k in ("steps", "wall_s", "samples_per_s", "precision", "device")}}
-    print(json.dumps(summary, indent=1))
+               "train": {k: metrics.get("train", {}).get(k) for k in ("steps", "wall_s", "samples_per_s", "precision", "device")},
+               "world_size": world_size}
+    if rank == 0:
+        print(json.dumps(summary, indent=1))
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
     return 0

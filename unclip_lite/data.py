@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from . import checkpoint as ckpt
+from .runtime import main_process_first
 from .shapes import WORLD_VERSION, Sample, ShapesWorld
 
 REQUIRED_COLUMNS = ("file", "caption")
@@ -195,8 +196,14 @@ def dataset_key(dataset, n: int) -> str:
 def rendered(dataset, n: int | None = None, cache_dir: str | Path | None = None) -> dict:
     """The first n samples as {"images": uint8 (N, 3, H, W) tensor, "captions", "attributes"}.
 
-    With `cache_dir` the result is stored (safetensors + JSON) and reused by later calls.
+    With `cache_dir` the result is stored (safetensors + JSON) and reused by later calls (under
+    torchrun rank 0 renders and stores it while the other ranks wait, then they read it).
     """
+    with main_process_first():
+        return _rendered(dataset, n, cache_dir)
+
+
+def _rendered(dataset, n: int | None, cache_dir: str | Path | None) -> dict:
     n = len(dataset) if n is None else min(n, len(dataset))
     cache = None
     if cache_dir is not None:

@@ -22,7 +22,7 @@ from .runtime import autocast, seed_everything
 from .stage import TrainedModel, ensure_stage
 from .stats import components_for, pca
 from .shapes import ShapesWorld, caption_codes, match_matrix, scene_codes
-from .train import clear_state, train
+from .train import clear_state, train, unwrap
 
 KINDS = ("diffusion", "ar")
 
@@ -71,7 +71,7 @@ def diffusion_prior_loss(diffusion: GaussianDiffusion):
     def loss_fn(model: DiffusionPrior, batch: dict) -> torch.Tensor:
         def fn(x, t):
             return model(x, t, batch["text_embed"], batch["states"], batch["mask"], batch["drop"])
-        x0 = model.normalise(batch["image_embed"])
+        x0 = unwrap(model).normalise(batch["image_embed"])
         return diffusion.training_loss(fn, x0, batch["t"], batch["noise"]).mean()
     return loss_fn
 
@@ -82,7 +82,7 @@ def diffusion_prior_loss(diffusion: GaussianDiffusion):
 
 def ar_prior_loss(model: ARPrior, batch: dict) -> tuple[torch.Tensor, dict]:
     """Cross-entropy over the k + 1 tokens (dot, then z_i), averaged per token."""
-    dot, z_tokens = model.tokens(batch["image_embed"], batch["text_embed"])
+    dot, z_tokens = unwrap(model).tokens(batch["image_embed"], batch["text_embed"])
     dot_logits, z_logits = model(batch["states"], batch["mask"], dot, z_tokens)
     dot_loss = F.cross_entropy(dot_logits.float(), dot)
     z_loss = F.cross_entropy(z_logits.float().flatten(0, 1), z_tokens.flatten())

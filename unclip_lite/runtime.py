@@ -112,3 +112,64 @@ def stage_seed(seed: int, stage: str) -> int:
     """The seed of `stage`'s random stream for a user seed: distinct stages never share noise."""
     check_seed(seed)
     return int(np.random.SeedSequence([seed, STREAMS[stage]]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes (torchrun): torch.distributed, initialised from torchrun's environment
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size): from the process group once it is up, else from torchrun's RANK and
+    WORLD_SIZE, else (0, 1), a single process."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process() -> bool:
+    """Rank 0 (or the only process): the one that writes artifacts, checkpoints and caches."""
+    return world()[0] == 0
+
+
+def init_distributed(device: str | torch.device = "auto") -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1) start the default process group once: "nccl" on CUDA (one
+    GPU per local rank), "gloo" on CPU. Returns (rank, world size); (0, 1) without torchrun."""
+    import torch.distributed as dist
+    rank, size = world()
+    if size > 1 and not dist.is_initialized():
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        rank, size = world()
+    return rank, size
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_process_first():
+    """Rank 0 runs the block first (building a cache, say) while the others wait; then they run
+    it and find rank 0's result. In a single process, or nested inside another such block, just
+    the block."""
+    global _FIRST_DEPTH
+    rank, size = world()
+    outer = _FIRST_DEPTH == 0 and size > 1
+    _FIRST_DEPTH += 1
+    try:
+        if outer and rank != 0:
+            barrier()
+        yield
+    finally:
+        _FIRST_DEPTH -= 1
+        if outer and rank == 0:
+            barrier()
+
+
+_FIRST_DEPTH = 0

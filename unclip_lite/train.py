@@ -12,6 +12,13 @@ A stage supplies three things:
 
 A non-finite loss stops training with `NonFiniteLossError`; the last checkpoint on disk is the
 last good one and is left untouched.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs data-parallel: the process group is started
+(gloo on CPU, nccl on CUDA), the model is wrapped in DistributedDataParallel, every rank builds
+the step's global batch (still a pure function of the step) and keeps its slice (`shard`), so
+W ranks x B/W samples see exactly the samples of 1 rank x B. Rank 0 alone writes checkpoints,
+snapshots and the artifact; every rank resumes from the same checkpoint. A loss function calls
+the model (`model(...)`, which DDP needs); for other methods it uses `unwrap(model)`.
 """
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from . import config as config_lib
 from .config import TrainConfig
-from .runtime import autocast, resolve_device, resolve_precision, seed_everything
+from .runtime import (autocast, barrier, init_distributed, is_main_process, resolve_device, resolve_precision,
+                      seed_everything, world)
 
 STATE_FILE = "train_state.safetensors"
 
@@ -54,6 +62,42 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The network inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def shard(batch: Any, rank: int, world_size: int, batch_size: int) -> Any:
+    """This rank's slice of a global batch: every tensor whose first dimension is the batch size
+    is cut into `world_size` equal parts along it; other values (and the keys a dict lists under
+    "unsharded", such as CLIP's (B, B) positives, which its loss needs whole) pass unchanged."""
+    if world_size == 1:
+        return batch
+    per = batch_size // world_size
+    keep = set(batch.get("unsharded", ())) if isinstance(batch, dict) else set()
+
+    def cut(v):
+        if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == batch_size:
+            return v[rank * per:(rank + 1) * per]
+        if isinstance(v, dict):
+            return {k: x if k in keep else cut(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)) and len(v) == batch_size and not isinstance(v, str):
+            return type(v)(v[rank * per:(rank + 1) * per])
+        if isinstance(v, (list, tuple)):
+            return type(v)(cut(x) for x in v)
+        return v
+    return cut(batch)
+
+
+def _mean_over_ranks(value: float, world_size: int, device) -> float:
+    if world_size == 1:
+        return value
+    import torch.distributed as dist
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / world_size
 
 
 class EMA:
@@ -96,6 +140,10 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
     """
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    rank, world_size = init_distributed(device)
+    if cfg.batch_size % world_size:
+        raise ValueError(f"{desc}: train.batch_size = {cfg.batch_size} does not split over {world_size} ranks; "
+                         f"use a multiple of {world_size}")
     seed_everything(cfg.seed)
     model.to(device)
     decay_params = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -112,7 +160,10 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
     full_config = {"train": config_lib.to_dict(cfg), "run": run_config or {}}
     runtime = {"device": device.type, "precision": precision}  # part of the run's identity
 
-    if state_path is not None and state_path.exists():
+    barrier()  # rank 0 has finished what came before (removing an old checkpoint, say)...
+    resume = state_path is not None and state_path.exists()
+    barrier()  # ...and every rank has looked for the checkpoint before rank 0 may write one
+    if resume:
         state = ckpt.load_state(state_path)
         differences = [d for d in config_lib.diff(state["config"], full_config) if not d.startswith("train.steps:")]
         if differences:
@@ -133,7 +184,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         history = [list(h) for h in state["history"]]
 
     def save_checkpoint(step: int) -> None:
-        if state_path is None:
+        if state_path is None or not is_main_process():
             return
         ckpt.save_state(state_path, {
             "step": step, "model": model.state_dict(), "ema": ema.shadow,
@@ -145,16 +196,19 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
     if not 0 < end <= cfg.steps:
         raise ValueError(f"{desc}: stop_after must lie in 1..steps ({cfg.steps}), got {stop_after}")
     model.train()
-    bar = tqdm(total=end, initial=start, desc=desc, disable=not progress, leave=False)
+    net = model
+    if world_size > 1:  # gradients averaged over ranks in backward(); parameters broadcast from rank 0
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    bar = tqdm(total=end, initial=start, desc=desc, disable=not progress or not is_main_process(), leave=False)
     t0, samples, loss_sum, loss_n, last_logs = time.perf_counter(), 0, 0.0, 0, {}
     for step in range(start, end):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = to_device(get_batch(step), device)
+        batch = to_device(shard(get_batch(step), rank, world_size, cfg.batch_size), device)
         with autocast(device, precision):
-            out = loss_fn(model, batch)
+            out = loss_fn(net, batch)
         loss, logs = out if isinstance(out, tuple) else (out, {})
-        loss_value = float(loss.detach())
+        loss_value = _mean_over_ranks(float(loss.detach()), world_size, device)  # the global batch's loss
         if not math.isfinite(loss_value):
             bar.close()
             raise NonFiniteLossError(f"{desc}: the loss became {loss_value} at step {step}; training "
@@ -169,7 +223,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
                                          f"training stopped and {_kept(state_path)}")
         opt.step()
         ema.update(model, 0.0 if step < cfg.ema_start else None)
-        samples += _batch_size(batch)
+        samples += _batch_size(batch) * world_size
         loss_sum, loss_n, last_logs = loss_sum + loss_value, loss_n + 1, logs
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             history.append([step + 1, loss_sum / loss_n])
@@ -178,7 +232,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         bar.update(1)
         # the snapshot first: a kill between the two writes then resumes from the older
         # checkpoint and writes the snapshot again, instead of resuming past it and losing it
-        if step + 1 in snapshot_steps and run_dir is not None:
+        if step + 1 in snapshot_steps and run_dir is not None and is_main_process():
             ckpt.save_tensors(snapshot_path(run_dir, step + 1), ema.state_dict(model))
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < end:
             save_checkpoint(step + 1)
@@ -186,9 +240,10 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
     wall = time.perf_counter() - t0
     if start < end:
         save_checkpoint(end)
+    barrier()
     model.load_state_dict(ema.state_dict(model))
     recalibrate_batchnorm(model, loss_fn, get_batch, range(cfg.steps, cfg.steps + BN_RECALIBRATION_BATCHES),
-                          device, precision)
+                          device, precision, cfg.batch_size if world_size > 1 else None)
     model.eval()
     return {
         "steps": end,
@@ -202,6 +257,7 @@ def train(model: nn.Module, loss_fn: Callable, get_batch: Callable[[int], Any], 
         "precision": precision,
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
+        **({"world_size": world_size} if world_size > 1 else {}),
     }
 
 
@@ -218,21 +274,27 @@ def snapshot_path(run_dir: str | Path, step: int) -> Path:
 
 
 def clear_state(run_dir: str | Path) -> None:
-    """Remove a finished run's resumable checkpoint (call after saving the stage artifact)."""
-    (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
+    """Remove a finished run's resumable checkpoint (call after saving the stage artifact); under
+    torchrun, rank 0 does."""
+    if is_main_process():
+        (Path(run_dir) / STATE_FILE).unlink(missing_ok=True)
 
 
 BN_RECALIBRATION_BATCHES = 16
 
 
 @torch.no_grad()
-def recalibrate_batchnorm(model: nn.Module, loss_fn: Callable, get_batch: Callable, steps, device, precision) -> None:
+def recalibrate_batchnorm(model: nn.Module, loss_fn: Callable, get_batch: Callable, steps, device, precision,
+                          batch_size: int | None = None) -> None:
     """Re-estimate BatchNorm statistics for the current (EMA) weights.
 
     The EMA averages running statistics that belong to earlier weights; for a network still
     moving fast this mismatch is severe (measured on the judge: 17% shape accuracy with averaged
     statistics, against 53% for the raw weights). As in SWA, a few forward passes in train mode
-    with a cumulative average fix it. Models without BatchNorm are left alone.
+    with a cumulative average fix it. Models without BatchNorm are left alone. Under torchrun each
+    rank passes its slice of each batch and the statistics are then averaged over the ranks, so
+    every rank ends with the same buffers (the mean exactly; the variance without the spread
+    between slices, a small difference from one process).
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -242,11 +304,18 @@ def recalibrate_batchnorm(model: nn.Module, loss_fn: Callable, get_batch: Callab
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average
     model.train()
+    rank, world_size = world()
     for step in steps:
-        with autocast(device, precision):
-            loss_fn(model, to_device(get_batch(step), device))
+        with autocast(device, precision):  # the batch too (its augmentations then run in bf16, as they always have here)
+            batch = get_batch(step) if batch_size is None else shard(get_batch(step), rank, world_size, batch_size)
+            loss_fn(model, to_device(batch, device))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
+        if world_size > 1:
+            import torch.distributed as dist
+            for buf in (m.running_mean, m.running_var):
+                dist.all_reduce(buf)
+                buf /= world_size
 
 
 def _batch_size(batch: Any) -> int:
