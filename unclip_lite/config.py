@@ -309,8 +309,8 @@ def check_train_config(cfg: TrainConfig) -> None:
         bad("lr", "a finite number > 0")
     if len(cfg.betas) != 2 or not all(0 <= b < 1 for b in cfg.betas):
         bad("betas", "two numbers in [0, 1)")
-    if not 0 <= cfg.ema_decay < 1:
-        bad("ema_decay", "in [0, 1)")
+    if not 0 <= cfg.ema_decay <= 1:
+        bad("ema_decay", "in [0, 1] (1 keeps the initial weights)")
     for name in ("weight_decay", "grad_clip", "min_lr_ratio", "eps"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
