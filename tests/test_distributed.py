@@ -60,20 +60,22 @@ def test_two_ranks_of_half_the_batch_train_as_one_rank_of_the_whole_batch(tmp_pa
 
 
 def test_two_nodes_on_loopback_train_a_stage_to_the_end(tmp_path):
+    """Two torchrun invocations, one rank each, meeting at a c10d rendezvous on 127.0.0.1: the smoke
+    upsampler trains to the end, rank 0 (node 0) writes it, and it is the 1-rank stage."""
     port = _port()
+    cmd = ["-m", "unclip_lite", "train", "upsampler", "--preset", "smoke", "--artifacts", str(tmp_path / "two"),
+           "--set", "upsampler.train.precision=fp32", "--no-progress"]
     nodes = [subprocess.Popen([TORCHRUN, "--nnodes=2", f"--node-rank={r}", "--nproc-per-node=1",
-                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=unclip-test",
-                               CHILD, str(tmp_path / "run"), "12", "16", str(tmp_path / "out.json")],
+                               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=unclip-test", *cmd],
                               env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = [p.communicate(timeout=300) for p in nodes]
     assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
-    two = json.loads((tmp_path / "out.json").read_text())
-    one = subprocess.run([sys.executable, CHILD, str(tmp_path / "single"), "12", "16", str(tmp_path / "one.json")],
-                         env=ENV, capture_output=True, text=True, timeout=300)
+    m2 = ckpt.read_json(tmp_path / "two" / "upsampler" / ckpt.METRICS)["train"]
+    assert m2["world_size"] == 2 and m2["steps"] == m2["schedule_steps"]
+    one = _train_upsampler(tmp_path / "one")
     assert one.returncode == 0, one.stderr[-2000:]
-    one = json.loads((tmp_path / "one.json").read_text())
-    assert two["world_size"] == 2 and len(two["history"]) == 12
-    np.testing.assert_allclose(np.array(two["history"]), np.array(one["history"]), rtol=1e-5)
+    m1 = ckpt.read_json(tmp_path / "one" / "upsampler" / ckpt.METRICS)["train"]
+    np.testing.assert_allclose(np.array(m2["loss_history"]), np.array(m1["loss_history"]), rtol=1e-6)
 
 
 def _children(pid: int) -> list[int]:
