@@ -238,3 +238,20 @@ def test_widget_headers_escape_captions(smoke_pipe):
     ex = InterpolationExplorer(smoke_pipe, caption, "a green square", steps=2)
     header = " ".join(html_values(ex.widget))
     assert "&lt;img src=x onerror=alert(1)&gt;" in header and "<img" not in header
+
+
+def test_widgets_and_studies_refuse_bad_arguments_by_name(smoke_pipe):
+    from unclip_lite.studies import claims, latents
+    from unclip_lite.widgets import GuidanceExplorer, InterpolationExplorer
+    with pytest.raises(ValueError, match=r"steps = 0: must be an integer >= 1"):
+        InterpolationExplorer(smoke_pipe, "a red circle", "a green square", steps=0)
+    with pytest.raises(ValueError, match=r"theta = nan"):
+        InterpolationExplorer(smoke_pipe, "a red circle", "a green square", theta=float("nan"), steps=2)
+    with pytest.raises(ValueError, match=r"n = 0: must be an integer >= 1"):
+        GuidanceExplorer(smoke_pipe, "a red circle", n=0, steps=2)
+    with pytest.raises(ValueError, match=r"n_variations = 0"):
+        latents.variation_study(smoke_pipe, None, {"images": torch.zeros(1, 3, 32, 32, dtype=torch.uint8)}, n_variations=0)
+    with pytest.raises(ValueError, match=r"k = 1: must be an integer >= 2"):
+        claims.Systems(smoke_pipe, None, {"val": ["a red circle"]}, 1, {"val": torch.zeros(4, 8)})
+    with pytest.raises(ValueError, match=r"seed = -3"):
+        claims.sample_system(smoke_pipe, smoke_pipe.decoder, ["a red circle"], seed=-3)

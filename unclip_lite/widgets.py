@@ -27,8 +27,8 @@ from PIL import Image
 
 from . import manipulate
 from .images import IMAGE_SIZE, to_model_images
-from .pipeline import PipelineError
-from .runtime import stage_seed
+from .pipeline import PipelineError, check_sampling
+from .runtime import check_arg, check_seed, stage_seed
 
 __all__ = ["InterpolationExplorer", "TextDiffExplorer", "GuidanceExplorer", "to_png"]
 
@@ -65,6 +65,8 @@ class Explorer:
     name = "explorer"
 
     def __init__(self, pipe, steps: int | None = None, upsample: bool = False, scale: int = 4):
+        check_arg("steps", steps, minimum=1, integer=True)
+        check_arg("scale", scale, minimum=1, integer=True, none_ok=False)
         self.pipe, self.steps, self.scale = pipe, steps, scale
         self.calls: Counter = Counter()
         self.images: torch.Tensor | None = None
@@ -148,6 +150,8 @@ class InterpolationExplorer(Explorer):
     def __init__(self, pipe, a, b, theta: float = 0.5, mode: str = "fixed", prior: str = "diffusion",
                  seed: int = 0, steps: int | None = None, upsample: bool = False, scale: int = 4):
         super().__init__(pipe, steps, upsample, scale)
+        check_arg("theta", theta, none_ok=False)
+        check_seed(seed)
         if mode not in ("fixed", "inverted"):
             raise ValueError(f"mode must be 'fixed' or 'inverted', got {mode!r}")
         self.prior, self.seed = prior, seed
@@ -206,6 +210,7 @@ class TextDiffExplorer(Explorer):
     def __init__(self, pipe, image, from_caption: str, to_caption: str, theta: float = 0.0,
                  steps: int | None = None, upsample: bool = False, scale: int = 4):
         super().__init__(pipe, steps, upsample, scale)
+        check_arg("theta", theta, none_ok=False)
         self.source = _as_image(image)
         self.calls["invert"] += 1
         self.z, self.x_t = manipulate.invert(pipe, self.source, steps=steps)
@@ -247,6 +252,8 @@ class GuidanceExplorer(Explorer):
                  decoder_guidance: float | None = None, seed: int = 0, steps: int | None = None,
                  upsample: bool = False, scale: int = 4):
         super().__init__(pipe, steps, upsample, scale)
+        check_arg("n", n, minimum=1, integer=True, none_ok=False)
+        check_sampling(seed=seed, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance)
         self.n = n
         if prior not in pipe.priors:
             raise PipelineError(f"prior {prior!r} is not loaded; loaded: {sorted(pipe.priors)}")

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ..geometry import group_spreads
 from ..judge import TrainedJudge, attribute_accuracy, attribute_hits, caption_hits
 from ..clip import no_caption
-from ..runtime import stage_seed
+from ..pipeline import check_sampling
+from ..runtime import check_arg, stage_seed
 from ..shapes import ShapesWorld, parse_caption
 from .. import stats
 from ..config import WorldConfig
@@ -31,6 +32,7 @@ def sample_system(pipe, decoder, captions: list[str], condition: str = "prior", 
     The caption also goes to the decoder unless `use_caption=False`. Noise streams follow
     `pipeline.stage_seed`, so the same seed gives every system the same x_T.
     """
+    check_sampling(seed=seed, steps=steps, guidance=guidance)
     if condition == "prior":
         z = pipe.priors[prior].sample(captions, seed=stage_seed(seed, "prior"))
     elif condition == "text":
@@ -203,6 +205,8 @@ class Systems:
     def __init__(self, pipe, judge: TrainedJudge, captions: dict[str, list[str]], k: int,
                  real_feats: dict[str, torch.Tensor], steps: int | None = None, seed: int = 0,
                  basis_dims: int = 16):
+        check_arg("k", k, minimum=2, integer=True, none_ok=False)  # a spread needs two samples
+        check_sampling(seed=seed, steps=steps)
         self.pipe, self.judge, self.k, self.steps, self.seed = pipe, judge, k, steps, seed
         self.captions = {split: [c for c in caps for _ in range(k)] for split, caps in captions.items()}
         self.real_feats = real_feats

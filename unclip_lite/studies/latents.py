@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from ..geometry import estimate_rotation, group_spreads
 from ..images import IMAGE_SIZE, psnr, to_model_images
 from ..manipulate import decode_latents, interpolate, invert, slerp
+from ..pipeline import check_sampling
+from ..runtime import check_arg
 from ..shapes import COLOURS, SHAPES, SYMMETRY
 
 
@@ -44,6 +46,8 @@ def variation_study(pipe, judge, data: dict, n_variations: int = 8, eta: float =
     blurrier outlines the estimators err more, so treat it as a lower bound.
     "keep_both_per_scene" is the share per scene, for intervals that resample scenes.
     """
+    check_arg("n_variations", n_variations, minimum=1, integer=True, none_ok=False)
+    check_sampling(seed=seed, steps=steps, eta=eta)
     z, x_t = invert(pipe, data["images"], steps=steps)
     n = len(z)
     varied = torch.cat([decode_latents(pipe, z[i:i + 1].expand(n_variations, -1),
@@ -122,6 +126,8 @@ def interpolation_study(pipe, judge, data: dict, n_pairs: int = 8, thetas=None, 
     """The judge's reading along slerp(z_a, z_b, θ) for pairs of one-object scenes that differ in
     shape and colour (§3.2), in both x_T modes. Per mode and θ: the share of decodes read with A's
     shape, B's shape, A's colour and B's colour."""
+    check_arg("n_pairs", n_pairs, minimum=1, integer=True, none_ok=False)
+    check_sampling(seed=seed, steps=steps)
     thetas = [i / 8 for i in range(9)] if thetas is None else [float(t) for t in thetas]
     attrs = data["attributes"]
     pairs, used = [], set()
