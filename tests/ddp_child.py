@@ -1,6 +1,5 @@
 """A small stage trained by the one training loop, for test_distributed.py; run it plainly or under
 torchrun: python ddp_child.py RUN_DIR STEPS BATCH OUT_JSON. Rank 0 writes OUT_JSON."""
-import hashlib
 import json
 import sys
 import time

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .clip import ensure_clip
-from .config import PRESETS, get_preset, set_field
+from .config import PRESETS, check_ranges, get_preset, set_field
 from .decoder import ensure_decoder
 from .judge import ensure_judge
 from .prior import ensure_prior
@@ -53,6 +53,7 @@ def apply_overrides(preset, overrides: list[str]):
             raise SystemExit(f"--set {item!r}: expected PATH=VALUE, e.g. decoder.train.steps=4000")
         try:
             preset = set_field(preset, path.strip(), value.strip())
+            check_ranges(preset)
         except ValueError as err:
             raise SystemExit(f"--set {item!r}: {err}") from None
     return preset

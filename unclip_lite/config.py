@@ -346,6 +346,31 @@ def _convert(tp, value, where: str):
     return value
 
 
+POSITIVE_INTS = {"base_channels", "baseline_steps", "best_of", "blocks_per_level", "buckets", "context_dim", "crop_size",
+                 "dot_buckets", "feature_dim", "heads", "image_size", "layers", "n_compare", "n_eval", "n_eval_images",
+                 "n_heldout", "n_pool", "n_test", "n_train", "n_train_images", "n_val", "patch_size", "sample_steps",
+                 "supersample", "width"}  # counts and sizes: at least 1
+PROBABILITIES = {"dropout", "variance_kept"}  # with every p_* field: in [0, 1]
+NON_NEGATIVE = {"aug_level", "aug_max", "blur_sigma", "guidance_scale", "min_snr_gamma", "residual_scale"}
+
+
+def check_ranges(cfg, where: str = "") -> None:
+    """Refuse out-of-range fields of any stage config, by name: counts and sizes >= 1, probabilities
+    (p_*, dropout, variance_kept) in [0, 1], scales >= 0 (TrainConfig checks its own fields)."""
+    for f in dataclasses.fields(cfg):
+        value, path = getattr(cfg, f.name), f"{where}.{f.name}" if where else f.name
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, path)
+        elif value is None or isinstance(value, (str, bool, tuple, list)):
+            continue
+        elif f.name in POSITIVE_INTS and not (_is_int(value) and value >= 1):
+            raise ValueError(f"config field {path} = {value!r}: must be an integer >= 1")
+        elif (f.name.startswith("p_") or f.name in PROBABILITIES) and not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            raise ValueError(f"config field {path} = {value!r}: must be a probability in [0, 1]")
+        elif f.name in NON_NEGATIVE and not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"config field {path} = {value!r}: must be a finite number >= 0")
+
+
 def from_dict(cls, data: dict, where: str = ""):
     """Rebuild a dataclass config from `to_dict` output; unknown or mistyped fields are errors."""
     if not isinstance(data, dict):
@@ -357,7 +382,10 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ValueError(f"config {where or cls.__name__}: unknown field(s) {unknown}; "
                          f"known fields are {sorted(names)}")
     kwargs = {k: _convert(hints[k], v, f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    out = cls(**kwargs)
+    if not where:  # the whole config read: check every field's range once
+        check_ranges(out)
+    return out
 
 
 def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
