@@ -268,3 +268,19 @@ def test_stage_config_fields_out_of_range_are_refused_from_json_and_from_the_com
         apply_overrides(get_preset("smoke"), ["prior.p_drop_text=1.5"])
     for name in ("smoke", "course", "gpu"):  # every shipped preset passes
         from_dict(Preset, to_dict(get_preset(name)))
+
+
+def test_the_embedding_cache_is_keyed_on_precision(smoke_pipe, tmp_path):
+    from unclip_lite.clip import embedding_cache
+    from unclip_lite.config import get_preset
+    from unclip_lite.shapes import ShapesWorld
+    clip = smoke_pipe.clip
+    world = ShapesWorld("val", get_preset("smoke").world)
+    kept = clip.precision
+    try:
+        for precision in ("fp32", "bf16"):
+            clip.precision = precision
+            embedding_cache(clip, world, 4, tmp_path)
+    finally:
+        clip.precision = kept
+    assert len(list(tmp_path.glob("clip-val-*"))) == 2  # one cache per precision, never mixed
