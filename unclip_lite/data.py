@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from pathlib import Path
 
@@ -35,7 +36,7 @@ class DataError(ValueError):
     """A dataset entry is unusable; the message names the file and line."""
 
 
-def load_image(path: Path, image_size: int) -> np.ndarray:
+def load_image(path: Path | io.BytesIO, image_size: int) -> np.ndarray:
     """Open an image, centre-crop it square and resize to image_size: uint8 (H, W, 3).
 
     The EXIF orientation is applied (phone photos come out upright), and transparent pixels
@@ -152,8 +153,9 @@ class CaptionFolder:
         if not path.is_file():
             return self._fail(line_no, f"image file {path} does not exist")
         try:
-            load_image(path, self.image_size)
-            self.digests[path] = hashlib.sha1(path.read_bytes()).hexdigest()
+            raw = path.read_bytes()  # read once: decoded to check it, hashed for the cache key
+            load_image(io.BytesIO(raw), self.image_size)
+            self.digests[path] = hashlib.sha1(raw).hexdigest()
         except Image.DecompressionBombError as e:
             return self._fail(line_no, f"image file {path} is too large to decode safely ({e})")
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
