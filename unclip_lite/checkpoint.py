@@ -182,7 +182,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # One writer per stage folder
 
-_HELD: dict[Path, list] = {}  # lock file -> [open file, depth]: this process's locks (re-entrant)
+_HELD: set[Path] = set()  # the lock files this process holds (stage_lock is re-entrant)
 
 
 def lock_path(folder: str | Path) -> Path:
@@ -212,11 +212,7 @@ def stage_lock(folder: str | Path, exclusive: bool = True, wait: bool = True):
         yield
         return
     if path in _HELD:  # this process holds it already (a load inside ensure_stage, say)
-        _HELD[path][1] += 1
-        try:
-            yield
-        finally:
-            _HELD[path][1] -= 1
+        yield
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -242,11 +238,11 @@ def stage_lock(folder: str | Path, exclusive: bool = True, wait: bool = True):
             f.truncate()
             f.write(f"pid {os.getpid()}: {' '.join(sys.argv)[:300]}\n")
             f.flush()
-        _HELD[path] = [f, 1]
+        _HELD.add(path)
         try:
             yield
         finally:
-            del _HELD[path]
+            _HELD.discard(path)
             if exclusive:
                 f.seek(0)
                 f.truncate()
