@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from unclip_lite.config import get_preset
-from unclip_lite.data import rendered
-from unclip_lite.studies.latents import edit_captions, single_object
+from unclip_lite.data import rendered, single_object
+from unclip_lite.studies.latents import edit_captions
 from unclip_lite.pipeline import PipelineError, UnCLIP
 from unclip_lite.shapes import ShapesWorld
 from unclip_lite.widgets import GuidanceExplorer, InterpolationExplorer, TextDiffExplorer

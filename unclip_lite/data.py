@@ -223,3 +223,10 @@ def _rendered(dataset, n: int | None, cache_dir: str | Path | None) -> dict:
         ckpt.save_tensors(cache / "images.safetensors", {"images": images})
         ckpt.write_json(cache / "samples.json", {"captions": out["captions"], "attributes": out["attributes"]})
     return out
+
+
+def single_object(data: dict, n: int | None = None) -> dict:
+    """The one-object scenes of a rendered split (the manipulations are measured on them), first n."""
+    keep = [i for i, a in enumerate(data["attributes"]) if a["count"] == 1][:n]
+    return {"images": data["images"][keep], "captions": [data["captions"][i] for i in keep],
+            "attributes": [data["attributes"][i] for i in keep], "index": keep}

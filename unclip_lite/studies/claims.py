@@ -15,7 +15,7 @@ from ..runtime import check_arg, stage_seed
 from ..shapes import ShapesWorld, parse_caption
 from .. import stats
 from ..config import WorldConfig
-from ..data import rendered
+from ..data import rendered, single_object
 from ..stage import without_images
 from ..stats import frechet_ci, pca_basis
 
@@ -193,8 +193,7 @@ def coarse_first(needed: dict, coarse=("background", "colour"), fine=("shape", "
 
 def one_object_captions(world: WorldConfig, split: str, n: int, cache_dir) -> list[str]:
     """The first `n` one-object captions of a split (so that position and rotation are defined)."""
-    data = rendered(ShapesWorld(split, world), 8 * n, cache_dir)
-    return [c for c, a in zip(data["captions"], data["attributes"]) if a["count"] == 1][:n]
+    return single_object(rendered(ShapesWorld(split, world), 8 * n, cache_dir), n)["captions"]
 
 
 class Systems:

@@ -17,13 +17,6 @@ from ..runtime import check_arg
 from ..shapes import COLOURS, SHAPES, SYMMETRY
 
 
-def single_object(data: dict, n: int | None = None) -> dict:
-    """The one-object scenes of a rendered split (the manipulations are measured on them), first n."""
-    keep = [i for i, a in enumerate(data["attributes"]) if a["count"] == 1][:n]
-    return {"images": data["images"][keep], "captions": [data["captions"][i] for i in keep],
-            "attributes": [data["attributes"][i] for i in keep], "index": keep}
-
-
 def inversion_study(pipe, data: dict, steps: int | None = None) -> dict:
     """Invert images to (z_i, x_T) and decode them back at eta = 0: PSNR at 32 px per image."""
     z, x_t = invert(pipe, data["images"], steps=steps)
