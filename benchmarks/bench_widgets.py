@@ -59,7 +59,7 @@ def bench(artifacts: Path) -> dict:
     guide = GuidanceExplorer(pipe, "a large yellow star on a striped background")
     setup = time.perf_counter() - t0
     out["explorers"]["guidance (decoder scale, 4 samples)"] = {
-        "setup_s": setup, "moves_s": moves(guide.decoder_guidance, (1.0, 2.0, 4.0, 6.0, 8.0))}
+        "setup_s": setup, "moves_s": moves(guide.decoder_guidance_scale, (1.0, 2.0, 4.0, 6.0, 8.0))}
     for r in out["explorers"].values():
         r["median_move_s"] = statistics.median(r["moves_s"])
     out["target_s"] = TARGET_S

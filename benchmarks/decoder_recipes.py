@@ -78,20 +78,20 @@ class RotationLimited(ShapesWorld):
         return attrs
 
 
-def decode(trained: TrainedDecoder, clip, data: dict, z: torch.Tensor, steps: int, guidance: float,
+def decode(trained: TrainedDecoder, clip, data: dict, z: torch.Tensor, steps: int, guidance_scale: float,
            weak: TrainedDecoder | None = None, seed: int = 0) -> torch.Tensor:
     """Decode z_i with the captions (the x_T `TrainedDecoder.decode` draws for `seed`); `weak` given: autoguidance,
     the strong model guided by the weak one (weak + s * (strong - weak)) instead of by its own
     unconditional output."""
     if weak is None:
-        return decode_split(trained, clip, data, steps=steps, guidance=guidance, seed=seed, z=z)
+        return decode_split(trained, clip, data, steps=steps, guidance_scale=guidance_scale, seed=seed, z=z)
     states, mask = caption_states(clip, data["captions"], trained.text_length)
     noise = torch.randn(len(z), 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(stage_seed(seed, "decoder")))
     strong_fn, weak_fn = trained.model_fn(z, states, mask, 1.0), weak.model_fn(z, states, mask, 1.0)
 
     def fn(x, t):
         w = weak_fn(x, t)
-        return w + guidance * (strong_fn(x, t) - w)
+        return w + guidance_scale * (strong_fn(x, t) - w)
     return trained.diffusion.respaced(steps).sample(fn, noise, eta=0.0)
 
 
@@ -103,7 +103,7 @@ def score(images: torch.Tensor, data: dict, judge) -> dict:
 
 
 def run(variant: str, seconds: float, points: tuple[float, ...], artifacts: Path, n_curve: int, n_final: int,
-        steps_eval: int, guidance: float) -> dict:
+        steps_eval: int, guidance_scale: float) -> dict:
     overrides = dict(VARIANTS[variant])
     spread = overrides.pop("_rotation_spread", None)
     preset = get_preset("course")
@@ -149,15 +149,15 @@ def run(variant: str, seconds: float, points: tuple[float, ...], artifacts: Path
               "batch_size": cfg.train.batch_size, "train_wall_s": metrics["wall_s"],
               "images_per_s": metrics["samples_per_s"], "final_loss": metrics["final_loss"],
               "n_params": sum(p.numel() for p in model.parameters()),
-              "eval": {"steps": steps_eval, "guidance": guidance, "n_curve": n_curve}}
+              "eval": {"steps": steps_eval, "guidance": guidance_scale, "n_curve": n_curve}}
 
     measure(result, model, cfg, int(cache["text_mask"].shape[1]), run_dir, snaps, metrics["wall_s"] / steps, clip, judge,
-            preset, artifacts, n_curve, n_final, steps_eval, guidance)
+            preset, artifacts, n_curve, n_final, steps_eval, guidance_scale)
     return result
 
 
 def measure(result: dict, model: Decoder, cfg, text_length: int, run_dir: Path, snaps, step_s: float, clip, judge,
-            preset, artifacts: Path, n_curve: int, n_final: int, steps_eval: int, guidance: float) -> None:
+            preset, artifacts: Path, n_curve: int, n_final: int, steps_eval: int, guidance_scale: float) -> None:
     """Decode val z_i with every snapshot (the learning curve) and with the last one (val, held-out,
     autoguidance), and score each with the judge and the strict reading, into `result`."""
     def trained_at(step: int) -> TrainedDecoder:
@@ -173,15 +173,15 @@ def measure(result: dict, model: Decoder, cfg, text_length: int, run_dir: Path, 
     result["curve"] = []
     for step in snaps:
         t0 = time.perf_counter()
-        imgs = decode(trained_at(step), clip, curve_data, z_val[:n_curve], steps_eval, guidance)
+        imgs = decode(trained_at(step), clip, curve_data, z_val[:n_curve], steps_eval, guidance_scale)
         row = {"step": step, "cpu_minutes": round(step * step_s / 60, 2), **score(imgs, curve_data, judge)}
         result["curve"].append(row)
         print(f"  step {step:5d} ({row['cpu_minutes']:.1f} min): judge shape {row['judge_shape']:.3f} "
               f"strict {row['strict_shape']:.3f} joint {row['judge_joint']:.3f} [{time.perf_counter() - t0:.0f} s]", flush=True)
     final = trained_at(snaps[-1])
     held = rendered(ShapesWorld("heldout", preset.world), n_final, artifacts / "cache")
-    result["final"] = {"val": score(decode(final, clip, val, z_val, steps_eval, guidance), val, judge),
-                       "heldout": score(decode(final, clip, held, clip.encode_images(held["images"]), steps_eval, guidance),
+    result["final"] = {"val": score(decode(final, clip, val, z_val, steps_eval, guidance_scale), val, judge),
+                       "heldout": score(decode(final, clip, held, clip.encode_images(held["images"]), steps_eval, guidance_scale),
                                         held, judge),
                        "n": n_final}
     weak = trained_at(snaps[0])
@@ -208,7 +208,7 @@ def rescore(variant: str, artifacts: Path) -> None:
     cache = embedding_cache(clip, ShapesWorld("train", preset.world), cfg.n_train_images, artifacts / "cache")
     measure(result, model, cfg, int(cache["text_mask"].shape[1]), OUT / "runs" / variant, snaps, step_s, clip, judge,
             preset, artifacts, n_curve=result["eval"].get("n_curve", 128), n_final=result["final"]["n"],
-            steps_eval=result["eval"]["steps"], guidance=result["eval"]["guidance"])
+            steps_eval=result["eval"]["steps"], guidance_scale=result["eval"]["guidance"])
     result["rescored"] = time.strftime("%Y-%m-%d %H:%M")
     path.write_text(json.dumps(result, indent=1))
 
@@ -265,7 +265,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result = run(args.variant, args.seconds, tuple(args.points), args.artifacts, args.n_curve, args.n_final,
-                 args.eval_steps, args.guidance)
+                 args.eval_steps, args.guidance_scale)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     result["date"] = time.strftime("%Y-%m-%d %H:%M")
     name = args.variant + (f"-{args.tag}" if args.tag else "")

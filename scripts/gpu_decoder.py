@@ -46,7 +46,7 @@ def step_time(cfg, clip, device, precision, batch: int, repeats: int = 20) -> fl
     model = Decoder(cfg, clip.embed_dim, clip.width).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))
     loss_fn = decoder_loss(make_diffusion(cfg), cfg.min_snr_gamma)
-    batch_data = {"x0": torch.randn(batch, 3, 32, 32, device=device), "z": torch.randn(batch, clip.embed_dim, device=device),
+    batch_data = {"x_start": torch.randn(batch, 3, 32, 32, device=device), "z": torch.randn(batch, clip.embed_dim, device=device),
                   "states": torch.randn(batch, 20, clip.width, device=device),
                   "mask": torch.ones(batch, 20, dtype=torch.bool, device=device),
                   "t": torch.randint(0, 1000, (batch,), device=device), "noise": torch.randn(batch, 3, 32, 32, device=device),

@@ -9,7 +9,7 @@ import torch
 from unclip_lite.judge import HEADS, caption_hits, encode_labels
 from unclip_lite.stats import direction, frechet_ci, frechet_in_basis, paired_difference, paired_frechet, pca_basis, summarise
 from unclip_lite.studies.claims import (binding_report, coarse_first, components_needed, diversity, pca_probe, sample_system,
-                                        system_report)
+                                        system_report, unexpected_verdicts)
 
 
 class ScriptedJudge:
@@ -149,3 +149,18 @@ def test_components_needed_and_the_coarse_first_verdict():
     assert coarse_first(needed) == "reproduced"
     assert coarse_first({"background": 16, "colour": 16, "shape": 4, "size": 1}) == "reversed"
     assert coarse_first({"background": 16, "colour": 16, "shape": 8, "size": 16}) == "not resolved"
+
+
+def test_unexpected_verdicts_names_rows_outside_what_the_prose_expects():
+    rows = [{"claim": "1. diffusion prior > AR prior", "split": "val", "measure": "fidelity", "verdict": "reproduced"},
+            {"claim": "1. diffusion prior > AR prior", "split": "val", "measure": "diversity (judge features)",
+             "verdict": "reproduced"},
+            {"claim": "6. PCA: coarse attributes first", "split": "val", "measure": "components",
+             "verdict": "not resolved: every attribute at 16"},
+            {"claim": "7. something new", "split": "val", "measure": "fidelity", "verdict": "not resolved"}]
+    expected = {("1.", "fidelity"): {"not resolved", "reproduced"}, ("1.", "diversity"): {"not resolved", "reversed"},
+                ("6.", ""): {"not resolved"}}
+    bad = unexpected_verdicts(rows, expected)
+    assert [(b["claim"][:2], b["measure"][:9]) for b in bad] == [("1.", "diversity"), ("7.", "fidelity")]
+    assert bad[0]["expected"] == ["not resolved", "reversed"] and bad[1]["expected"] == "nothing stated"
+    assert unexpected_verdicts(rows[:1] + rows[2:3], expected) == []

@@ -107,7 +107,7 @@ def test_batches_are_a_pure_function_of_the_step(smoke):
     batches = DecoderBatches(images, cache, smoke.decoder, seed=0)
     a, b = batches(3), batches(3)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert a["x0"].shape == (8, 3, 32, 32) and a["x0"].min() >= -1 and a["x0"].max() <= 1
+    assert a["x_start"].shape == (8, 3, 32, 32) and a["x_start"].min() >= -1 and a["x_start"].max() <= 1
     with pytest.raises(ValueError, match="cached embeddings"):
         DecoderBatches(images[:10], cache, smoke.decoder, seed=0)
 

@@ -16,9 +16,9 @@ def ideal_model(diffusion: GaussianDiffusion, full: GaussianDiffusion):
     def fn(x, t):
         ab = full.alphas_cumprod[t.long()].float().view(-1, *([1] * (x.ndim - 1)))
         a, s = ab.sqrt(), (1 - ab).sqrt()
-        x0 = MU + a * SD ** 2 / (ab * SD ** 2 + 1 - ab) * (x - a * MU)
-        eps = (x - a * x0) / s
-        return {"eps": eps, "x0": x0, "v": a * eps - s * x0}[diffusion.objective]
+        x_start = MU + a * SD ** 2 / (ab * SD ** 2 + 1 - ab) * (x - a * MU)
+        eps = (x - a * x_start) / s
+        return {"eps": eps, "x0": x_start, "v": a * eps - s * x_start}[diffusion.objective]
     return fn
 
 
@@ -34,22 +34,22 @@ def test_schedules_are_valid(schedule):
 
 def test_q_sample_at_t0_returns_x0():
     d = GaussianDiffusion.from_schedule("cosine")
-    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    x_start = torch.rand(4, 3, 8, 8) * 2 - 1
     t = torch.zeros(4, dtype=torch.long)
-    assert torch.allclose(d.q_sample(x0, t, torch.zeros_like(x0)), x0, atol=1e-4)
-    assert (d.q_sample(x0, t) - x0).abs().max() < 0.05  # sqrt(1 - abar_0) = 0.006 times the noise
-    far = d.q_sample(x0, torch.full((4,), 999))
+    assert torch.allclose(d.q_sample(x_start, t, torch.zeros_like(x_start)), x_start, atol=1e-4)
+    assert (d.q_sample(x_start, t) - x_start).abs().max() < 0.05  # sqrt(1 - abar_0) = 0.006 times the noise
+    far = d.q_sample(x_start, torch.full((4,), 999))
     assert abs(float(far.std()) - 1) < 0.1  # pure noise at the end
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_predict_inverts_the_target(objective):
-    d = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x0=None)
+    d = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x_start=None)
     g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
+    x_start, noise = torch.randn(6, 10, generator=g), torch.randn(6, 10, generator=g)
     t = torch.tensor([0, 10, 200, 500, 900, 999])
-    x0_hat, eps_hat = d.predict(d.target(x0, noise, t), d.q_sample(x0, t, noise), t)
-    assert torch.allclose(x0_hat, x0, atol=2e-3) and torch.allclose(eps_hat[1:], noise[1:], atol=2e-3)
+    x0_hat, eps_hat = d.predict(d.target(x_start, noise, t), d.q_sample(x_start, t, noise), t)
+    assert torch.allclose(x0_hat, x_start, atol=2e-3) and torch.allclose(eps_hat[1:], noise[1:], atol=2e-3)
 
 
 def test_respaced_schedules_agree_with_the_full_one():
@@ -68,28 +68,28 @@ def test_respaced_schedules_agree_with_the_full_one():
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_training_loss_is_zero_for_the_exact_model_only(objective):
-    d = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x0=None)
+    d = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x_start=None)
     g = torch.Generator().manual_seed(0)
-    x0, noise = 0.5 + torch.randn(64, 8, generator=g) * 0.01, torch.randn(64, 8, generator=g)
+    x_start, noise = 0.5 + torch.randn(64, 8, generator=g) * 0.01, torch.randn(64, 8, generator=g)
     t = torch.randint(1, 1000, (64,), generator=g)
 
     def perfect(x, tt):  # knows the noise: the target exactly
-        return d.target(x0, noise, t)
-    assert float(d.training_loss(perfect, x0, t, noise).max()) < 1e-10
-    assert float(d.training_loss(lambda x, tt: torch.zeros_like(x), x0, t, noise).mean()) > 0.1
+        return d.target(x_start, noise, t)
+    assert float(d.training_loss(perfect, x_start, t, noise).max()) < 1e-10
+    assert float(d.training_loss(lambda x, tt: torch.zeros_like(x), x_start, t, noise).mean()) > 0.1
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("eta", [None, 0.0, 1.0])
 def test_samplers_reproduce_the_data_distribution(objective, eta):
-    full = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x0=None)
+    full = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x_start=None)
     d = full.respaced(100)
     x = d.sample(ideal_model(d, full), (4096, 4), eta=eta, generator=torch.Generator().manual_seed(0))
     assert abs(float(x.mean()) - MU) < 0.02 and abs(float(x.std()) - SD) < 0.02
 
 
 def test_ddim_at_eta_zero_is_deterministic():
-    full = GaussianDiffusion.from_schedule("cosine", clip_x0=None)
+    full = GaussianDiffusion.from_schedule("cosine", clip_x_start=None)
     d = full.respaced(25)
     x_t = torch.randn(16, 4, generator=torch.Generator().manual_seed(1))
     a = d.sample(ideal_model(d, full), x_t, eta=0.0, generator=torch.Generator().manual_seed(2))
@@ -102,22 +102,22 @@ def test_ddim_at_eta_zero_is_deterministic():
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_inversion_then_sampling_reconstructs_the_input(objective):
-    full = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x0=None)
+    full = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x_start=None)
     d = full.respaced(250)
     model = ideal_model(d, full)
-    x0 = MU + SD * torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
-    x_T = d.ddim_invert(model, x0)
+    x_start = MU + SD * torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    x_T = d.ddim_invert(model, x_start)
     assert abs(float(x_T.std()) - 1) < 0.1  # it lands on (approximately) standard noise
     back = d.sample(model, x_T, eta=0.0)
-    assert (back - x0).abs().max() < 0.02, float((back - x0).abs().max())
+    assert (back - x_start).abs().max() < 0.02, float((back - x_start).abs().max())
 
 
 def test_progressive_sampler_yields_every_step():
-    full = GaussianDiffusion.from_schedule("cosine", clip_x0=None)
+    full = GaussianDiffusion.from_schedule("cosine", clip_x_start=None)
     d = full.respaced(10)
     steps = list(d.sample_progressive(ideal_model(d, full), (2, 3), generator=torch.Generator().manual_seed(0)))
     assert [s["t"] for s in steps] == list(range(9, -1, -1)) and [s["step"] for s in steps] == list(range(10))
-    assert all(s["x"].shape == (2, 3) and s["x0"].shape == (2, 3) for s in steps)
+    assert all(s["x"].shape == (2, 3) and s["x_start"].shape == (2, 3) for s in steps)
 
 
 def test_guidance_combines_conditional_and_unconditional_outputs():
@@ -135,16 +135,16 @@ def test_guidance_combines_conditional_and_unconditional_outputs():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_min_snr_weighting_is_the_same_for_every_objective(objective):
     """Measured as an error on x0, the weight is min(SNR, gamma) whatever the network predicts."""
-    d = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x0=None)
+    d = GaussianDiffusion.from_schedule("cosine", objective=objective, clip_x_start=None)
     g = torch.Generator().manual_seed(0)
-    x0, noise = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    x_start, noise = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
     t = torch.tensor([5, 100, 400, 700, 990])
-    x_t = d.q_sample(x0, t, noise)
-    x0_wrong = x0 + 0.1  # the model's x0 estimate, off by a constant
+    x_t = d.q_sample(x_start, t, noise)
+    x0_wrong = x_start + 0.1  # the model's x0 estimate, off by a constant
     eps_wrong = (x_t - d.sqrt_ab[t].float()[:, None] * x0_wrong) / d.sqrt_1mab[t].float()[:, None]
     a, s = d.sqrt_ab[t].float()[:, None], d.sqrt_1mab[t].float()[:, None]
     out = {"eps": eps_wrong, "x0": x0_wrong, "v": a * eps_wrong - s * x0_wrong}[objective]
-    loss = d.training_loss(lambda x, tt: out, x0, t, noise, min_snr_gamma=5.0)
+    loss = d.training_loss(lambda x, tt: out, x_start, t, noise, min_snr_gamma=5.0)
     expected = 0.01 * d.snr(t).clamp(max=5.0)
     assert torch.allclose(loss, expected, rtol=1e-3)
 

@@ -92,5 +92,5 @@ def test_one_decode_path_one_seed_convention(pipe):
     assert torch.equal(ours, decode_z(pipe, pipe.decoder, z, caps, steps=3, seed=5))
     x_t = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(stage_seed(5, "decoder")))
     states, mask = no_caption(pipe.clip, 3)
-    assert torch.equal(manipulate.decode_latents(pipe, z, x_t, steps=3, guidance=pipe.decoder.cfg.guidance_scale),
+    assert torch.equal(manipulate.decode_latents(pipe, z, x_t, steps=3, guidance_scale=pipe.decoder.cfg.guidance_scale),
                        pipe.decoder.decode(z, states, mask, seed=5, steps=3))  # no caption, the seed's x_T

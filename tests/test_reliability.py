@@ -180,8 +180,8 @@ def test_a_notebook_killed_mid_training_then_rerun_passes(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"batch_size": 0}, r"batch_size = 0: must be an integer >= 1"),
     ({"steps": 0}, r"steps = 0: must be an integer >= 1"),
-    ({"decoder_guidance": float("nan")}, r"decoder_guidance = nan: must be a finite number >= 0"),
-    ({"prior_guidance": -1.0}, r"prior_guidance = -1.0: must be a finite number >= 0"),
+    ({"decoder_guidance_scale": float("nan")}, r"decoder_guidance_scale = nan: must be a finite number >= 0"),
+    ({"prior_guidance_scale": -1.0}, r"prior_guidance_scale = -1.0: must be a finite number >= 0"),
     ({"seed": -1}, r"seed = -1: must be an integer in \[0, 2\*\*63\)"),
 ])
 def test_generate_refuses_bad_arguments_by_name(smoke_pipe, kwargs, message):

@@ -78,16 +78,16 @@ def test_batches_are_a_pure_function_of_the_step_and_crops_line_up(smoke):
     batches = UpsamplerBatches(images, cfg, seed=0)
     a, b = batches(3), batches(3)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["x0"], batches(4)["x0"])
+    assert not torch.equal(a["x_start"], batches(4)["x_start"])
     c, n = cfg.crop_size, cfg.train.batch_size
-    assert a["x0"].shape == a["cond"].shape == (n, 3, c, c) and a["x0"].abs().max() <= 2 * cfg.residual_scale
+    assert a["x_start"].shape == a["cond"].shape == (n, 3, c, c) and a["x_start"].abs().max() <= 2 * cfg.residual_scale
     assert a["aug"].min() >= 0 and a["aug"].max() <= cfg.aug_max
-    # the crop of x0 is the same window as the crop of the condition: rebuild one from scratch
+    # the crop of x_start is the same window as the crop of the condition: rebuild one from scratch
     plain = dataclasses.replace(cfg, p_blur=0.0, p_aug=0.0, residual_scale=None)
     clean = UpsamplerBatches(images, plain, seed=0)(3)
     assert not clean["blur"].any() and not clean["aug"].any()
     residual = UpsamplerBatches(images, dataclasses.replace(plain, residual_scale=5.0), seed=0)(3)
-    assert torch.allclose(residual["x0"], (clean["x0"] - clean["cond"]) * 5.0, atol=1e-5)
+    assert torch.allclose(residual["x_start"], (clean["x_start"] - clean["cond"]) * 5.0, atol=1e-5)
     g = torch.Generator().manual_seed(3)  # same index draw as the batch
     idx = torch.randint(len(images), (n,), generator=g)
     full32 = resize_uint8(images[idx], 32).float().div(127.5).sub(1)
@@ -96,7 +96,7 @@ def test_batches_are_a_pure_function_of_the_step_and_crops_line_up(smoke):
         y, x = int(clean["top"][i]), int(clean["left"][i])
         assert y % 2 == 0 and x % 2 == 0 and 0 <= y <= 64 - c and 0 <= x <= 64 - c
         assert torch.allclose(clean["cond"][i], full_cond[i, :, y:y + c, x:x + c], atol=1e-5)
-        assert torch.allclose(clean["x0"][i], images[idx[i], :, y:y + c, x:x + c].float().div(127.5).sub(1))
+        assert torch.allclose(clean["x_start"][i], images[idx[i], :, y:y + c, x:x + c].float().div(127.5).sub(1))
 
 
 def test_config_checks_and_helpers():

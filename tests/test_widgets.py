@@ -91,18 +91,18 @@ def test_guidance_explorer_reuses_prior_samples(smoke_pipe):
     ex = GuidanceExplorer(smoke_pipe, "a big blue star", n=2, steps=STEPS)
     assert ex.images.shape == (2, 3, 32, 32) and ex.calls == {"prior": 1, "decode": 1}
     first = ex.images.clone()
-    ex.decoder_guidance.value = 6.0
+    ex.decoder_guidance_scale.value = 6.0
     assert ex.calls == {"prior": 1, "decode": 2} and ex.status.value.startswith("decoder guidance 6.0")
     assert not torch.equal(first, ex.images)
-    ex.decoder_guidance.value = ex.decoder_guidance.value  # no change, no work
+    ex.decoder_guidance_scale.value = ex.decoder_guidance_scale.value  # no change, no work
     ex.seed.value = 5
     assert ex.calls == {"prior": 2, "decode": 3} and "seed 5" in ex.status.value
     ex.seed.value = 0  # back to a prior sample already drawn
-    ex.decoder_guidance.value = smoke_pipe.decoder.cfg.guidance_scale
+    ex.decoder_guidance_scale.value = smoke_pipe.decoder.cfg.guidance_scale
     assert ex.calls["prior"] == 2 and torch.equal(ex.images, first)  # same settings, same images
     ex.prior.value = "ar"
-    assert ex.calls["prior"] == 3 and ex.error is None and ex.prior_guidance.disabled and "AR prior" in ex.status.value
-    ex.prior_guidance.value = 5.0  # the AR prior has no guidance: the cached sample is reused
+    assert ex.calls["prior"] == 3 and ex.error is None and ex.prior_guidance_scale.disabled and "AR prior" in ex.status.value
+    ex.prior_guidance_scale.value = 5.0  # the AR prior has no guidance: the cached sample is reused
     assert ex.calls["prior"] == 3
 
 

@@ -5,6 +5,10 @@ Presets:
 - ``course``: the notebook defaults; minutes on a 2-core CPU.
 - ``gpu``: one GPU; larger models, more data and steps.
 
+The course preset is the dataclass defaults below; ``smoke`` and ``gpu`` are JSON files in
+``unclip_lite/presets/`` that list only what they change (read by `from_dict`, so a typo in a
+field name is an error, not a silent default).
+
 Every artifact stores the config it was made with (``config.json``), so a stage can be rebuilt
 from its folder alone and a mismatch is reported field by field (see ``checkpoint.py``).
 """
@@ -16,6 +20,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -216,67 +221,20 @@ class Preset:
     ar_prior: ARPriorConfig = field(default_factory=ARPriorConfig)  # caption -> z_i (autoregressive)
 
 
-def _smoke() -> Preset:
-    return Preset(
-        name="smoke",
-        world=WorldConfig(n_train=2_000, n_val=200, n_test=200, n_heldout=100),
-        judge=JudgeConfig(width=8, feature_dim=32, n_train_images=512, n_eval_images=128,
-                          train=TrainConfig(steps=20, batch_size=32, lr=2e-3, warmup_steps=2,
-                                            checkpoint_every=10, log_every=5)),
-        clip=ClipConfig(n_train_images=512, n_eval=128,
-                        train=TrainConfig(steps=12, batch_size=32, lr=2e-3, warmup_steps=2, ema_decay=0.9,
-                                          checkpoint_every=6, log_every=3)),
-        decoder=DecoderConfig(patch_size=2, base_channels=16, channel_mults=(1, 2), attention_levels=(1,), context_dim=32,
-                              n_train_images=512, sample_steps=5, n_eval=16, compare_steps=(2, 5), n_compare=8,
-                              baseline_steps=4, train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
-                                                checkpoint_every=3, log_every=2)),
-        upsampler=UpsamplerConfig(base_channels=16, channel_mults=(1, 2), crop_size=16, n_train_images=256,
-                                  sample_steps=3, n_eval=8,
-                                  train=TrainConfig(steps=6, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9,
-                                                    checkpoint_every=3, log_every=2)),
-
-        prior=PriorConfig(width=32, layers=2, heads=2, n_train_images=512, sample_steps=4, n_eval=32, n_pool=64,
-                          train=TrainConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.9,
-                                            checkpoint_every=4, log_every=2)),
-        ar_prior=ARPriorConfig(buckets=16, dot_buckets=4, width=32, layers=2, heads=2, n_train_images=512, n_eval=32,
-                               n_pool=64, train=TrainConfig(steps=8, batch_size=16, lr=1e-3, warmup_steps=2,
-                                                            ema_decay=0.9, checkpoint_every=4, log_every=2)),
-    )
+PRESET_DIR = Path(__file__).parent / "presets"
 
 
-def _gpu() -> Preset:
-    return Preset(
-        name="gpu",
-        world=WorldConfig(n_train=1_000_000, n_val=5_000, n_test=5_000, n_heldout=2_000),
-        judge=JudgeConfig(width=48, feature_dim=384, n_train_images=60_000, n_eval_images=5_000,
-                          train=TrainConfig(steps=4000, batch_size=256, lr=2e-3, warmup_steps=100,
-                                            weight_decay=1e-4, ema_decay=0.999,
-                                            checkpoint_every=1000)),
-        clip=ClipConfig(n_train_images=100_000, n_eval=2_000,
-                        train=TrainConfig(steps=4000, batch_size=512, lr=2e-3, warmup_steps=200,
-                                          weight_decay=0.05, betas=(0.9, 0.98), eps=1e-6, ema_decay=0.995,
-                                          checkpoint_every=1000)),
-        decoder=DecoderConfig(base_channels=96, channel_mults=(1, 2, 2, 2), blocks_per_level=2, context_dim=256,
-                              n_train_images=100_000, n_eval=1_000, n_compare=500, baseline_steps=30_000,
-                              train=TrainConfig(steps=30_000, batch_size=128, lr=5e-4, warmup_steps=1000,
-                                                ema_decay=0.9995, checkpoint_every=2000)),
-        upsampler=UpsamplerConfig(base_channels=64, channel_mults=(1, 2, 2, 4), blocks_per_level=2, crop_size=32,
-                                  n_train_images=100_000, n_eval=1_000,
-                                  train=TrainConfig(steps=20_000, batch_size=128, lr=1e-3, warmup_steps=500,
-                                                    ema_decay=0.999, checkpoint_every=2000)),
-
-        prior=PriorConfig(width=512, layers=12, heads=8, n_train_images=100_000, sample_steps=64, n_eval=2_000,
-                          n_pool=2_000, train=TrainConfig(steps=20_000, batch_size=1024, lr=3e-4, warmup_steps=500,
-                                                          weight_decay=0.06, betas=(0.9, 0.96), eps=1e-6,
-                                                          ema_decay=0.999, checkpoint_every=2000)),
-        ar_prior=ARPriorConfig(buckets=256, width=512, layers=12, heads=8, n_train_images=100_000, n_eval=2_000,
-                               n_pool=2_000, train=TrainConfig(steps=20_000, batch_size=1024, lr=3e-4,
-                                                               warmup_steps=500, weight_decay=0.04, betas=(0.9, 0.91),
-                                                               ema_decay=0.999, checkpoint_every=2000)),
-    )
+def _from_file(name: str) -> typing.Callable[[], Preset]:
+    """A preset stored as JSON in unclip_lite/presets/: what it differs in from the course preset.
+    A stage's fields it leaves out keep the course values; a `train` section, where given, is a
+    whole TrainConfig (its own fields left out take TrainConfig's defaults, not the course's)."""
+    def load() -> Preset:
+        path = PRESET_DIR / f"{name}.json"
+        return from_dict(Preset, json.loads(path.read_text(encoding="utf-8")), where="")
+    return load
 
 
-PRESETS: dict[str, typing.Callable[[], Preset]] = {"smoke": _smoke, "course": Preset, "gpu": _gpu}
+PRESETS: dict[str, typing.Callable[[], Preset]] = {"smoke": _from_file("smoke"), "course": Preset, "gpu": _from_file("gpu")}
 
 
 def get_preset(name: str) -> Preset:

@@ -126,11 +126,11 @@ class DecoderBatches:
         b = self.cfg.train.batch_size
         idx = torch.randint(len(self.images), (b,), generator=g)
         rows = self.cache["caption_index"][idx]
-        x0 = to_float(self.images[idx])
-        return {"x0": x0, "z": self.cache["image_embed"][idx], "states": self.cache["text_states"][rows].float(),
+        x_start = to_float(self.images[idx])
+        return {"x_start": x_start, "z": self.cache["image_embed"][idx], "states": self.cache["text_states"][rows].float(),
                 "mask": self.cache["text_mask"][rows],
                 "t": self.diffusion.sample_t(b, g, self.cfg.t_sampling, self.cfg.t_logsnr),
-                "noise": torch.randn(x0.shape, generator=g),
+                "noise": torch.randn(x_start.shape, generator=g),
                 "drop_z": torch.rand(b, generator=g) < self.cfg.p_drop_z,
                 "drop_text": torch.rand(b, generator=g) < self.p_drop_text}
 
@@ -149,7 +149,7 @@ class TrainedDecoder(TrainedDenoiser):
 
     make_diffusion = staticmethod(make_diffusion)
 
-    def model_fn(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, guidance: float):
+    def model_fn(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, guidance_scale: float):
         """fn(x_t, t) for the sampler: guided, bf16 where enabled, output in float32. z=None runs
         the decoder on the caption alone (z_i replaced by the learned null, as in training)."""
         no_z = z is None
@@ -163,26 +163,26 @@ class TrainedDecoder(TrainedDenoiser):
             with torch.no_grad(), autocast(self.device, self.precision):
                 out = self.model(x, t, z.repeat(n, 1), states.repeat(n, 1, 1), mask.repeat(n, 1), drop_z, drop)
             return out.float()
-        return guided(raw, guidance)
+        return guided(raw, guidance_scale)
 
     def sample(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, steps: int | None = None,
-               guidance: float | None = None, eta: float | None = 0.0, generator: torch.Generator | None = None,
+               guidance_scale: float | None = None, eta: float | None = 0.0, generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """Images (B, 3, 32, 32) in [-1, 1] for z_i (or None: the caption alone) and caption
         states; eta=None is DDPM. Most callers want `decode`, which draws x_T from a seed."""
         steps = steps or self.cfg.sample_steps
-        guidance = self.cfg.guidance_scale if guidance is None else guidance
+        guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         diffusion = self.diffusion.respaced(steps)
         out, n = [], len(states)
         for i in tqdm(range(0, n, batch_size), desc="decoder", disable=not progress, leave=False):
             sl = slice(i, i + batch_size)
             start = noise[sl] if noise is not None else (min(batch_size, n - i), 3, IMAGE_SIZE, IMAGE_SIZE)
-            fn = self.model_fn(None if z is None else z[sl], states[sl], mask[sl], guidance)
+            fn = self.model_fn(None if z is None else z[sl], states[sl], mask[sl], guidance_scale)
             out.append(diffusion.sample(fn, start, eta=eta, generator=generator, device=self.device).cpu())
         return torch.cat(out)
 
     def decode(self, z: torch.Tensor | None, states: torch.Tensor, mask: torch.Tensor, seed: int = 0,
-               steps: int | None = None, guidance: float | None = None, eta: float | None = 0.0,
+               steps: int | None = None, guidance_scale: float | None = None, eta: float | None = 0.0,
                noise: torch.Tensor | None = None, batch_size: int = 128, progress: bool = False) -> torch.Tensor:
         """The one z_i -> 32 px path. x_T is drawn per image from one generator seeded by
         `stage_seed(seed, "decoder")` (or given as `noise`: an inverted latent, say), and the
@@ -191,14 +191,14 @@ class TrainedDecoder(TrainedDenoiser):
         g = torch.Generator().manual_seed(stage_seed(seed, "decoder"))
         if noise is None:
             noise = torch.randn(len(states), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-        return self.sample(z, states, mask, steps=steps, guidance=guidance, eta=eta, generator=g, noise=noise,
+        return self.sample(z, states, mask, steps=steps, guidance_scale=guidance_scale, eta=eta, generator=g, noise=noise,
                            batch_size=batch_size, progress=progress)
 
     def invert(self, images: torch.Tensor, z: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-               steps: int | None = None, guidance: float = 1.0) -> torch.Tensor:
+               steps: int | None = None, guidance_scale: float = 1.0) -> torch.Tensor:
         """DDIM inversion of 32 px images in [-1, 1] under their condition: x_0 -> x_T."""
         diffusion = self.diffusion.respaced(steps or self.cfg.sample_steps)
-        return diffusion.ddim_invert(self.model_fn(z, states, mask, guidance), images.to(self.device)).cpu()
+        return diffusion.ddim_invert(self.model_fn(z, states, mask, guidance_scale), images.to(self.device)).cpu()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,12 +313,12 @@ def ensure_decoder(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, j
 
 
 def decode_split(trained: TrainedDecoder, clip: ClipModel, data: dict, steps: int | None = None,
-                 guidance: float | None = None, eta: float | None = 0.0, seed: int = 0,
+                 guidance_scale: float | None = None, eta: float | None = 0.0, seed: int = 0,
                  z: torch.Tensor | None = None) -> torch.Tensor:
     """Decode a rendered split's own z_i (or the given `z`) with its captions (`TrainedDecoder.decode`)."""
     z = clip.encode_images(data["images"]) if z is None else z
     states, mask = caption_states(clip, data["captions"], trained.text_length)
-    return trained.decode(z, states, mask, seed=seed, steps=steps, guidance=guidance, eta=eta)
+    return trained.decode(z, states, mask, seed=seed, steps=steps, guidance_scale=guidance_scale, eta=eta)
 
 
 def samplers_for(cfg: DecoderConfig) -> list[tuple[str, int, float | None]]:

@@ -5,11 +5,13 @@ on the *original* 1000-step scale (a float tensor), so a model trained on the fu
 be sampled on a respaced one. What the output means is the diffusion's `objective`:
 
 - ``"eps"``: the noise that was added (DDPM, Ho et al. 2020);
-- ``"x0"``: the clean sample (the paper's diffusion prior predicts z_i directly);
-- ``"v"``: v = sqrt(abar) * eps - sqrt(1 - abar) * x0 (Salimans & Ho 2022), which keeps the
+- ``"x0"``: the clean sample x_start (the paper's diffusion prior predicts z_i directly);
+- ``"v"``: v = sqrt(abar) * eps - sqrt(1 - abar) * x_start (Salimans & Ho 2022), which keeps the
   target's scale constant over t and trains faster at few steps.
 
-Notation: abar_t = prod_{s<=t} (1 - beta_s); q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I).
+Notation: abar_t = prod_{s<=t} (1 - beta_s); q(x_t | x_start) = N(sqrt(abar_t) x_start, (1 - abar_t) I).
+The clean sample is called ``x_start`` in code (the paper's x_0); the objective keeps its short name
+``"x0"`` because it is stored in every artifact's config.
 Schedules: "cosine" (Nichol & Dhariwal 2021) and "linear" (Ho et al. 2020).
 """
 from __future__ import annotations
@@ -50,12 +52,12 @@ class GaussianDiffusion:
     """
 
     def __init__(self, betas: torch.Tensor, objective: str = "v", timestep_map: torch.Tensor | None = None,
-                 clip_x0: float | None = 1.0):
+                 clip_x_start: float | None = 1.0):
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
         self.betas = betas.double()
         self.objective = objective
-        self.clip_x0 = clip_x0
+        self.clip_x_start = clip_x_start
         self.num_steps = len(betas)
         self.timestep_map = timestep_map if timestep_map is not None else torch.arange(self.num_steps)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)
@@ -70,8 +72,8 @@ class GaussianDiffusion:
 
     @classmethod
     def from_schedule(cls, schedule: str = "cosine", steps: int = 1000, objective: str = "v",
-                      clip_x0: float | None = 1.0) -> "GaussianDiffusion":
-        return cls(make_betas(schedule, steps), objective, clip_x0=clip_x0)
+                      clip_x_start: float | None = 1.0) -> "GaussianDiffusion":
+        return cls(make_betas(schedule, steps), objective, clip_x_start=clip_x_start)
 
     def respaced(self, steps: int) -> "GaussianDiffusion":
         """The same process on `steps` evenly spaced timesteps (e.g. 1000 -> 250, 50 or 25).
@@ -85,21 +87,21 @@ class GaussianDiffusion:
         keep = torch.linspace(self.num_steps - 1, 0, steps).round().long().unique()
         abar = self.alphas_cumprod[keep]
         prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        return GaussianDiffusion(1 - abar / prev, self.objective, self.timestep_map[keep], self.clip_x0)
+        return GaussianDiffusion(1 - abar / prev, self.objective, self.timestep_map[keep], self.clip_x_start)
 
     # -- the forward process and the loss -------------------------------------------------------
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)."""
-        noise = torch.randn_like(x0) if noise is None else noise
-        return _gather(self.sqrt_ab, t, x0.ndim) * x0 + _gather(self.sqrt_1mab, t, x0.ndim) * noise
+        noise = torch.randn_like(x_start) if noise is None else noise
+        return _gather(self.sqrt_ab, t, x_start.ndim) * x_start + _gather(self.sqrt_1mab, t, x_start.ndim) * noise
 
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """What the model should output for (x0, noise, t) under this objective."""
+    def target(self, x_start: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What the model should output for (x_start, noise, t) under this objective."""
         if self.objective == "eps":
             return noise
         if self.objective == "x0":
-            return x0
-        return _gather(self.sqrt_ab, t, x0.ndim) * noise - _gather(self.sqrt_1mab, t, x0.ndim) * x0
+            return x_start
+        return _gather(self.sqrt_ab, t, x_start.ndim) * noise - _gather(self.sqrt_1mab, t, x_start.ndim) * x_start
 
     def model_t(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the model is told: step t's original timestep, as float."""
@@ -133,26 +135,26 @@ class GaussianDiffusion:
         ab = self.alphas_cumprod.to(t.device)[t]
         return (ab / (1 - ab)).float()
 
-    def training_loss(self, model_fn: Callable, x0: torch.Tensor, t: torch.Tensor | None = None,
+    def training_loss(self, model_fn: Callable, x_start: torch.Tensor, t: torch.Tensor | None = None,
                       noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
                       min_snr_gamma: float | None = None) -> torch.Tensor:
         """Per-sample MSE between the model's output and the objective's target, shape (B,).
 
         t is drawn uniformly when not given. The mean over the batch is the usual loss. With
-        `min_snr_gamma` each sample is weighted so that, measured as an error on x0, its weight is
+        `min_snr_gamma` each sample is weighted so that, measured as an error on x_start, its weight is
         min(SNR_t, gamma) (Hang et al. 2023, "Min-SNR weighting"): the nearly clean steps, which
         are easy and dominate the gradient otherwise, stop crowding out the rest.
         """
-        b = x0.shape[0]
+        b = x_start.shape[0]
         if t is None:
-            t = torch.randint(0, self.num_steps, (b,), generator=generator).to(x0.device)
+            t = torch.randint(0, self.num_steps, (b,), generator=generator).to(x_start.device)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator).to(x0.device)
-        out = model_fn(self.q_sample(x0, t, noise), self.model_t(t))
-        loss = F.mse_loss(out.float(), self.target(x0, noise, t).float(), reduction="none").flatten(1).mean(1)
+            noise = torch.randn(x_start.shape, generator=generator).to(x_start.device)
+        out = model_fn(self.q_sample(x_start, t, noise), self.model_t(t))
+        loss = F.mse_loss(out.float(), self.target(x_start, noise, t).float(), reduction="none").flatten(1).mean(1)
         if min_snr_gamma is not None:
             snr = self.snr(t)
-            # this objective's loss is (x0 error) * {eps: SNR, x0: 1, v: SNR + 1}
+            # this objective's loss is (x_start error) * {eps: SNR, x0: 1, v: SNR + 1}
             scale = {"eps": snr, "x0": torch.ones_like(snr), "v": snr + 1}[self.objective]
             loss = loss * snr.clamp(max=min_snr_gamma) / scale
         return loss
@@ -160,35 +162,35 @@ class GaussianDiffusion:
     def batch_loss(self, forward: Callable, min_snr_gamma: float | None = None) -> Callable:
         """`loss_fn(model, batch)` for the training loop: the batch's mean `training_loss`, where
         `forward(model, batch, x_t, t)` runs the network on the batch's own conditioning and the
-        batch carries "x0", "t" and "noise" (drawn by the stage's batch function)."""
+        batch carries "x_start", "t" and "noise" (drawn by the stage's batch function)."""
         def loss_fn(model, batch: dict) -> torch.Tensor:
-            return self.training_loss(lambda x, t: forward(model, batch, x, t), batch["x0"], batch["t"],
+            return self.training_loss(lambda x, t: forward(model, batch, x, t), batch["x_start"], batch["t"],
                                       batch["noise"], min_snr_gamma=min_snr_gamma).mean()
         return loss_fn
 
     # -- reading the model ---------------------------------------------------------------------
     def predict(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
                 clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x0, eps) implied by a model output at x_t; x0 is clipped to [-clip_x0, clip_x0]
+        """(x_start, eps) implied by a model output at x_t; x_start is clipped to [-clip_x_start, clip_x_start]
         (when the diffusion has a clip range and `clip`), and eps is made consistent with it."""
         output = output.float()
         a, s = _gather(self.sqrt_ab, t, x_t.ndim), _gather(self.sqrt_1mab, t, x_t.ndim)
         if self.objective == "eps":
-            x0 = (x_t - s * output) / a
+            x_start = (x_t - s * output) / a
         elif self.objective == "x0":
-            x0 = output
+            x_start = output
         else:
-            x0 = a * x_t - s * output
-        if self.clip_x0 is not None and clip:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-        eps = (x_t - a * x0) / s
-        return x0, eps
+            x_start = a * x_t - s * output
+        if self.clip_x_start is not None and clip:
+            x_start = x_start.clamp(-self.clip_x_start, self.clip_x_start)
+        eps = (x_t - a * x_start) / s
+        return x_start, eps
 
     # -- sampling ------------------------------------------------------------------------------
     def sample_progressive(self, model_fn: Callable, shape_or_noise, eta: float | None = 0.0,
                            generator: torch.Generator | None = None, device: str | torch.device = "cpu"
                            ) -> Iterator[dict]:
-        """Yield {"step", "t", "x", "x0"} after every denoising step, from x_T to x_0.
+        """Yield {"step", "t", "x", "x_start"} after every denoising step, from x_T to x_0.
 
         eta=None runs ancestral DDPM (posterior mean plus its variance); eta=0 is deterministic
         DDIM; 0 < eta <= 1 interpolates (eta=1 has DDPM's marginals). `shape_or_noise` is a
@@ -200,16 +202,16 @@ class GaussianDiffusion:
             x = torch.randn(tuple(shape_or_noise), generator=generator).to(device)
         for step, i in enumerate(reversed(range(self.num_steps))):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
-            x0, eps = self.predict(model_fn(x, self.model_t(t)), x, t)
+            x_start, eps = self.predict(model_fn(x, self.model_t(t)), x, t)
             noise = torch.randn(x.shape, generator=generator).to(x.device) if i > 0 else torch.zeros_like(x)
-            if eta is None:  # DDPM: sample the posterior q(x_{t-1} | x_t, x0)
-                mean = _gather(self.posterior_c0, t, x.ndim) * x0 + _gather(self.posterior_ct, t, x.ndim) * x
+            if eta is None:  # DDPM: sample the posterior q(x_{t-1} | x_t, x_start)
+                mean = _gather(self.posterior_c0, t, x.ndim) * x_start + _gather(self.posterior_ct, t, x.ndim) * x
                 x = mean + (0.5 * _gather(self.posterior_logvar, t, x.ndim)).exp() * noise
             else:  # DDIM (Song et al. 2021, eq. 12)
                 ab, ab_prev = _gather(self.alphas_cumprod, t, x.ndim), _gather(self.alphas_cumprod_prev, t, x.ndim)
                 sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()
-                x = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps + sigma * noise
-            yield {"step": step, "t": i, "x": x, "x0": x0}
+                x = ab_prev.sqrt() * x_start + (1 - ab_prev - sigma ** 2).clamp_min(0).sqrt() * eps + sigma * noise
+            yield {"step": step, "t": i, "x": x, "x_start": x_start}
 
     def sample(self, model_fn: Callable, shape_or_noise, eta: float | None = 0.0,
                generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -219,16 +221,16 @@ class GaussianDiffusion:
             pass
         return out["x"]
 
-    def ddim_invert(self, model_fn: Callable, x0: torch.Tensor) -> torch.Tensor:
+    def ddim_invert(self, model_fn: Callable, x_start: torch.Tensor) -> torch.Tensor:
         """Run deterministic DDIM backwards: x_0 -> x_T under the model (and its condition).
 
         Sampling step i maps x at noise level i to level i-1 with eps read at (x_i, i). Inversion
         step i goes the other way, reading eps at the point it has (level i-1) with the label i,
         and moves along it to level i. Sampling from the result with eta=0 and the same condition
         retraces the path to x_0, up to that one-step lag: small for smooth models and enough
-        steps. x0 is not clipped here (clipping is not invertible).
+        steps. x_start is not clipped here (clipping is not invertible).
         """
-        x = x0.float()
+        x = x_start.float()
         ab_cur = 1.0
         for i in range(self.num_steps):
             t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)

@@ -50,43 +50,43 @@ def _out(pipe, x32: torch.Tensor, upsample: bool, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def invert(pipe, images, steps: int | None = None, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def invert(pipe, images, steps: int | None = None, guidance_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(z_i (N, D), x_T (N, 3, 32, 32)) for images (uint8 or [-1, 1], any size).
 
     z_i comes from CLIP at its own input size (the full image, as in the decoder's training);
-    x_T from DDIM inversion of the 32 px image under that z_i and no caption, at `guidance`.
+    x_T from DDIM inversion of the 32 px image under that z_i and no caption, at `guidance_scale`.
     Decoding (z_i, x_T) reconstructs the image when it uses the same guidance and steps.
     """
     z = pipe.clip.encode_images(images)
     x = to_model_images(images)
     states, mask = no_caption(pipe.clip, len(x))
-    x_t = pipe.decoder.invert(x, z, states, mask, steps=steps, guidance=guidance)
+    x_t = pipe.decoder.invert(x, z, states, mask, steps=steps, guidance_scale=guidance_scale)
     return z, x_t
 
 
 @torch.no_grad()
 def decode_latents(pipe, z: torch.Tensor, x_t: torch.Tensor, eta: float = 0.0, steps: int | None = None,
-                   guidance: float = 1.0, seed: int = 0, upsample: bool = False) -> torch.Tensor:
+                   guidance_scale: float = 1.0, seed: int = 0, upsample: bool = False) -> torch.Tensor:
     """Decode bipartite latents (z_i, x_T) without a caption; eta > 0 adds fresh noise per step.
     The default guidance (1, none) matches `invert`'s, so eta = 0 retraces the inversion."""
     states, mask = no_caption(pipe.clip, len(z))
-    x32 = pipe.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=guidance, eta=eta, noise=x_t)
+    x32 = pipe.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance_scale=guidance_scale, eta=eta, noise=x_t)
     return _out(pipe, x32, upsample, seed)
 
 
-def variations(pipe, image, n: int = 8, eta: float = 1.0, steps: int | None = None, guidance: float = 1.0,
+def variations(pipe, image, n: int = 8, eta: float = 1.0, steps: int | None = None, guidance_scale: float = 1.0,
                seed: int = 0, upsample: bool = False, latents: tuple | None = None) -> torch.Tensor:
     """`n` variations of one image (3, H, W) or (1, 3, H, W): its inverted (z_i, x_T), decoded
     with DDIM at `eta` (each variation a different noise stream)."""
     image = image[None] if image.ndim == 3 else image
     z, x_t = latents if latents is not None else invert(pipe, image, steps=steps)
     return decode_latents(pipe, z.expand(n, -1), x_t.expand(n, -1, -1, -1).contiguous(), eta=eta, steps=steps,
-                          guidance=guidance, seed=seed, upsample=upsample)
+                          guidance_scale=guidance_scale, seed=seed, upsample=upsample)
 
 
 def interpolate(pipe, z_a: torch.Tensor, z_b: torch.Tensor, thetas, mode: str = "fixed",
                 x_t_a: torch.Tensor | None = None, x_t_b: torch.Tensor | None = None, steps: int | None = None,
-                guidance: float = 1.0, seed: int = 0, upsample: bool = False) -> torch.Tensor:
+                guidance_scale: float = 1.0, seed: int = 0, upsample: bool = False) -> torch.Tensor:
     """Decode slerp(z_a, z_b, θ) for each θ (§3.2). mode "fixed": one x_T for the whole path (x_t_a,
     or noise drawn from `seed`); "inverted": x_T = slerp(x_t_a, x_t_b, θ) (both required)."""
     if mode not in ("fixed", "inverted"):
@@ -103,7 +103,7 @@ def interpolate(pipe, z_a: torch.Tensor, z_b: torch.Tensor, thetas, mode: str = 
     else:
         x_t = torch.cat([slerp_flat(x_t_a.reshape(1, -1, IMAGE_SIZE, IMAGE_SIZE), x_t_b.reshape(1, -1, IMAGE_SIZE, IMAGE_SIZE), t)
                          for t in thetas])
-    return decode_latents(pipe, z, x_t, steps=steps, guidance=guidance, seed=seed, upsample=upsample)
+    return decode_latents(pipe, z, x_t, steps=steps, guidance_scale=guidance_scale, seed=seed, upsample=upsample)
 
 
 def text_diff_direction(pipe, from_caption: str, to_caption: str) -> torch.Tensor:
@@ -113,14 +113,14 @@ def text_diff_direction(pipe, from_caption: str, to_caption: str) -> torch.Tenso
 
 
 def text_diff(pipe, z: torch.Tensor, x_t: torch.Tensor, from_caption: str, to_caption: str, thetas,
-              steps: int | None = None, guidance: float = 1.0, seed: int = 0,
+              steps: int | None = None, guidance_scale: float = 1.0, seed: int = 0,
               upsample: bool = False) -> torch.Tensor:
     """Decode slerp(z_i, z_d, θ) for each θ with x_T fixed (the image's own inverted latent)."""
     z_d = text_diff_direction(pipe, from_caption, to_caption)
     thetas = [float(t) for t in thetas]
     zs = torch.cat([slerp(z.reshape(1, -1), z_d.reshape(1, -1), t) for t in thetas])
     x_ts = x_t.reshape(1, 3, IMAGE_SIZE, IMAGE_SIZE).expand(len(thetas), -1, -1, -1).contiguous()
-    return decode_latents(pipe, zs, x_ts, steps=steps, guidance=guidance, seed=seed, upsample=upsample)
+    return decode_latents(pipe, zs, x_ts, steps=steps, guidance_scale=guidance_scale, seed=seed, upsample=upsample)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,27 +116,27 @@ class UnCLIP:
 
     # -- generation ----------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, captions, prior: str = "diffusion", prior_guidance: float | None = None,
-                 decoder_guidance: float | None = None, steps: int | None = None, seed: int = 0,
+    def generate(self, captions, prior: str = "diffusion", prior_guidance_scale: float | None = None,
+                 decoder_guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
                  upsample: bool = True, batch_size: int = 16, progress: bool = True,
                  return_intermediates: bool = False):
         """Images for captions: (N, 3, 64, 64) in [-1, 1] (32 px without the upsampler).
 
-        `prior` picks the prior; `prior_guidance` and `decoder_guidance` are the two guidance
+        `prior` picks the prior; `prior_guidance_scale` and `decoder_guidance_scale` are the two guidance
         scales (None: each stage's default); `steps` the decoder's DDIM steps. The same seed gives
         the same images. With `return_intermediates`, returns a dict with "z_i", "x32" and "x64".
         """
         captions = self.check_captions(captions)
-        check_sampling(prior_guidance=prior_guidance, decoder_guidance=decoder_guidance, steps=steps,
+        check_sampling(prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale, steps=steps,
                        batch_size=batch_size, seed=seed)
         if prior not in self.priors:
             raise PipelineError(f"prior {prior!r} is not loaded; loaded: {sorted(self.priors)}")
-        z = self.priors[prior].sample(captions, guidance=prior_guidance, seed=stage_seed(seed, "prior"))  # (N, D)
-        return self.decode(z, captions, decoder_guidance=decoder_guidance, steps=steps, seed=seed, upsample=upsample,
+        z = self.priors[prior].sample(captions, guidance_scale=prior_guidance_scale, seed=stage_seed(seed, "prior"))  # (N, D)
+        return self.decode(z, captions, decoder_guidance_scale=decoder_guidance_scale, steps=steps, seed=seed, upsample=upsample,
                            batch_size=batch_size, progress=progress, return_intermediates=return_intermediates)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, captions: list[str], decoder_guidance: float | None = None,
+    def decode(self, z: torch.Tensor, captions: list[str], decoder_guidance_scale: float | None = None,
                steps: int | None = None, seed: int = 0, upsample: bool = True, batch_size: int = 16,
                progress: bool = True, noise: torch.Tensor | None = None, eta: float = 0.0,
                return_intermediates: bool = False):
@@ -144,9 +144,9 @@ class UnCLIP:
         `noise`), then upsample."""
         if len(captions) != len(z):
             raise PipelineError(f"{len(z)} embeddings z_i but {len(captions)} captions: give one caption per z_i")
-        check_sampling(decoder_guidance=decoder_guidance, steps=steps, batch_size=batch_size, eta=eta, seed=seed)
+        check_sampling(decoder_guidance_scale=decoder_guidance_scale, steps=steps, batch_size=batch_size, eta=eta, seed=seed)
         states, mask = self.caption_states(captions)
-        x32 = self.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=decoder_guidance, eta=eta,
+        x32 = self.decoder.decode(z, states, mask, seed=seed, steps=steps, guidance_scale=decoder_guidance_scale, eta=eta,
                                   noise=noise, batch_size=batch_size, progress=progress)
         x64 = None
         if upsample and self.upsampler is not None:  # noise drawn per image inside: batch-independent

@@ -42,7 +42,7 @@ KINDS = ("diffusion", "ar")
 def make_diffusion(cfg: PriorConfig) -> GaussianDiffusion:
     """The prior's diffusion: objective "x0" (the paper predicts z_i directly), no clipping (the
     normalised embeddings are not bounded by 1)."""
-    return GaussianDiffusion.from_schedule(cfg.schedule, 1000, "x0", clip_x0=None)
+    return GaussianDiffusion.from_schedule(cfg.schedule, 1000, "x0", clip_x_start=None)
 
 
 class PriorBatches:
@@ -71,8 +71,8 @@ def diffusion_prior_loss(diffusion: GaussianDiffusion):
     def loss_fn(model: DiffusionPrior, batch: dict) -> torch.Tensor:
         def fn(x, t):
             return model(x, t, batch["text_embed"], batch["states"], batch["mask"], batch["drop"])
-        x0 = unwrap(model).normalise(batch["image_embed"])
-        return diffusion.training_loss(fn, x0, batch["t"], batch["noise"]).mean()
+        x_start = unwrap(model).normalise(batch["image_embed"])
+        return diffusion.training_loss(fn, x_start, batch["t"], batch["noise"]).mean()
     return loss_fn
 
 
@@ -115,18 +115,18 @@ class TrainedPrior(TrainedModel):
         out = self.clip.text_states(list(captions))  # states at CLIP's full context length
         return out["embedding"], out["states"][:, :self.text_length], out["mask"][:, :self.text_length]
 
-    def sample(self, captions: list[str], guidance: float | None = None, steps: int | None = None,
+    def sample(self, captions: list[str], guidance_scale: float | None = None, steps: int | None = None,
                seed: int = 0, best_of: int | None = None, batch_size: int = 512) -> torch.Tensor:
-        """Unit-norm z_i (N, D) for captions. `guidance` and `steps` apply to the diffusion prior
+        """Unit-norm z_i (N, D) for captions. `guidance_scale` and `steps` apply to the diffusion prior
         (defaults from its config) and are ignored by the AR prior; `best_of` draws that many per
         caption and keeps the highest z_i . z_t (default from the config)."""
         z_t, states, mask = self.encode(captions)
-        cands = self.candidates(z_t, states, mask, best_of or self.cfg.best_of, guidance, steps, seed, batch_size)
+        cands = self.candidates(z_t, states, mask, best_of or self.cfg.best_of, guidance_scale, steps, seed, batch_size)
         return best_of_candidates(cands, z_t)
 
     @torch.no_grad()
     def candidates(self, z_t: torch.Tensor, states: torch.Tensor, mask: torch.Tensor, n: int,
-                   guidance: float | None = None, steps: int | None = None, seed: int = 0,
+                   guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
                    batch_size: int = 512, top_half: bool | None = None) -> torch.Tensor:
         """n independent draws per caption, (n, N, D) unit norm. Draw j is the same whatever n is,
         so best-of-1 is the first draw of best-of-2."""
@@ -136,7 +136,7 @@ class TrainedPrior(TrainedModel):
             if self.kind == "diffusion":
                 noise = torch.randn(len(z_t), z_t.shape[1], generator=g)
                 draws = [self._diffuse(z_t[i:i + batch_size], states[i:i + batch_size], mask[i:i + batch_size],
-                                       noise[i:i + batch_size], guidance, steps, g)
+                                       noise[i:i + batch_size], guidance_scale, steps, g)
                          for i in range(0, len(z_t), batch_size)]
             else:  # uniforms drawn up front, so a row's tokens do not depend on the batching
                 th = self.cfg.top_half if top_half is None else top_half
@@ -146,8 +146,8 @@ class TrainedPrior(TrainedModel):
             out.append(torch.cat(draws) if draws else torch.empty(0, z_t.shape[1]))
         return torch.stack(out)
 
-    def _diffuse(self, z_t, states, mask, noise, guidance, steps, g) -> torch.Tensor:
-        guidance = self.cfg.guidance_scale if guidance is None else guidance
+    def _diffuse(self, z_t, states, mask, noise, guidance_scale, steps, g) -> torch.Tensor:
+        guidance_scale = self.cfg.guidance_scale if guidance_scale is None else guidance_scale
         diffusion = self.diffusion.respaced(steps or self.cfg.sample_steps)
         z_t, states, mask = z_t.to(self.device), states.to(self.device), mask.to(self.device)
 
@@ -156,7 +156,7 @@ class TrainedPrior(TrainedModel):
             with autocast(self.device, self.precision):
                 out = self.model(x, t, z_t.repeat(n, 1), states.repeat(n, 1, 1), mask.repeat(n, 1), drop)
             return out.float()
-        x = diffusion.sample(guided(raw, guidance), noise, eta=0.0, generator=g, device=self.device)
+        x = diffusion.sample(guided(raw, guidance_scale), noise, eta=0.0, generator=g, device=self.device)
         return self.model.unnormalise(x).cpu()
 
     def _autoregress(self, states, mask, u, use_top_half: bool) -> torch.Tensor:

@@ -95,7 +95,7 @@ class Upsampler(nn.Module):
 def make_diffusion(cfg: UpsamplerConfig) -> GaussianDiffusion:
     # a residual can exceed [-1, 1] once scaled: only the final image is clipped then
     return GaussianDiffusion.from_schedule(cfg.schedule, 1000, cfg.objective,
-                                           clip_x0=1.0 if cfg.residual_scale is None else None)
+                                           clip_x_start=1.0 if cfg.residual_scale is None else None)
 
 
 def to_target(x64: torch.Tensor, base: torch.Tensor, cfg: UpsamplerConfig) -> torch.Tensor:
@@ -103,9 +103,9 @@ def to_target(x64: torch.Tensor, base: torch.Tensor, cfg: UpsamplerConfig) -> to
     return x64 if cfg.residual_scale is None else (x64 - base) * cfg.residual_scale
 
 
-def from_target(x0: torch.Tensor, base: torch.Tensor, cfg: UpsamplerConfig) -> torch.Tensor:
+def from_target(x_start: torch.Tensor, base: torch.Tensor, cfg: UpsamplerConfig) -> torch.Tensor:
     """The inverse of `to_target`, clipped to [-1, 1]."""
-    return (x0 if cfg.residual_scale is None else base + x0 / cfg.residual_scale).clamp(-1, 1)
+    return (x_start if cfg.residual_scale is None else base + x_start / cfg.residual_scale).clamp(-1, 1)
 
 
 def check_config(cfg: UpsamplerConfig) -> None:
@@ -149,10 +149,10 @@ class UpsamplerBatches:
                                   cfg.cond_upsample)  # (B, 3, 64, 64): what the model sees
         top, left = (torch.randint(0, (HIGH_RES - c) // 2 + 1, (2, b), generator=g) * 2).tolist()
         crop = lambda x: torch.stack([x[i, :, y:y + c, z:z + c] for i, (y, z) in enumerate(zip(top, left))])  # noqa: E731
-        x0 = crop(to_target(x64, bicubic_upsample(given), cfg))
-        return {"x0": x0, "cond": crop(cond), "aug": aug, "blur": blur, "top": torch.tensor(top),
+        x_start = crop(to_target(x64, bicubic_upsample(given), cfg))
+        return {"x_start": x_start, "cond": crop(cond), "aug": aug, "blur": blur, "top": torch.tensor(top),
                 "left": torch.tensor(left), "t": torch.randint(0, 1000, (b,), generator=g),
-                "noise": torch.randn(x0.shape, generator=g)}
+                "noise": torch.randn(x_start.shape, generator=g)}
 
 
 def upsampler_loss(diffusion: GaussianDiffusion, min_snr_gamma: float | None = None):
@@ -202,8 +202,8 @@ class TrainedUpsampler(TrainedDenoiser):
             def fn(x, t, cond=cond, level=level):
                 with autocast(self.device, self.precision):
                     return self.model(x, t, cond, level).float()
-            x0 = diffusion.sample(fn, x_T[sl], eta=0.0, device=self.device)
-            out.append(from_target(x0, base, self.cfg).cpu())
+            x_start = diffusion.sample(fn, x_T[sl], eta=0.0, device=self.device)
+            out.append(from_target(x_start, base, self.cfg).cpu())
         return torch.cat(out)
 
 

@@ -90,10 +90,10 @@ class Explorer:
         from IPython.display import display
         display(self.widget)
 
-    def _decode(self, z: torch.Tensor, x_t: torch.Tensor, guidance: float = 1.0) -> torch.Tensor:
+    def _decode(self, z: torch.Tensor, x_t: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
         """The one thing a slider move runs: the decoder (deterministic, eta = 0), then the upsampler."""
         self.calls["decode"] += 1
-        return manipulate.decode_latents(self.pipe, z, x_t, steps=self.steps, guidance=guidance,
+        return manipulate.decode_latents(self.pipe, z, x_t, steps=self.steps, guidance_scale=guidance_scale,
                                          upsample=self.upsample.value)
 
     def _at_size(self, images: torch.Tensor) -> torch.Tensor:
@@ -248,12 +248,12 @@ class GuidanceExplorer(Explorer):
 
     name = "guidance"
 
-    def __init__(self, pipe, caption: str, n: int = 4, prior: str = "diffusion", prior_guidance: float | None = None,
-                 decoder_guidance: float | None = None, seed: int = 0, steps: int | None = None,
+    def __init__(self, pipe, caption: str, n: int = 4, prior: str = "diffusion", prior_guidance_scale: float | None = None,
+                 decoder_guidance_scale: float | None = None, seed: int = 0, steps: int | None = None,
                  upsample: bool = False, scale: int = 4):
         super().__init__(pipe, steps, upsample, scale)
         check_arg("n", n, minimum=1, integer=True, none_ok=False)
-        check_sampling(seed=seed, prior_guidance=prior_guidance, decoder_guidance=decoder_guidance)
+        check_sampling(seed=seed, prior_guidance_scale=prior_guidance_scale, decoder_guidance_scale=decoder_guidance_scale)
         self.n = n
         if prior not in pipe.priors:
             raise PipelineError(f"prior {prior!r} is not loaded; loaded: {sorted(pipe.priors)}")
@@ -262,40 +262,40 @@ class GuidanceExplorer(Explorer):
         self.caption = W.Text(value=caption, description="caption", continuous_update=False,
                               layout=W.Layout(width="420px"))
         self.prior = W.Dropdown(options=sorted(pipe.priors), value=prior, description="prior")
-        self.prior_guidance = _slider("prior guidance", default_prior if prior_guidance is None else prior_guidance,
+        self.prior_guidance_scale = _slider("prior guidance", default_prior if prior_guidance_scale is None else prior_guidance_scale,
                                       1.0, 8.0, 0.5, "unclip-guidance-prior")
-        self.decoder_guidance = _slider("decoder guidance",
-                                        pipe.decoder.cfg.guidance_scale if decoder_guidance is None else decoder_guidance,
+        self.decoder_guidance_scale = _slider("decoder guidance",
+                                        pipe.decoder.cfg.guidance_scale if decoder_guidance_scale is None else decoder_guidance_scale,
                                         1.0, 8.0, 0.5, "unclip-guidance-decoder")
         self.seed = W.BoundedIntText(value=seed, min=0, max=2 ** 31 - 1, description="seed")
         self._sync_prior_controls()
         self.prior.observe(lambda change: self._sync_prior_controls(), names="value")
-        self._watch(self.caption, self.prior, self.prior_guidance, self.decoder_guidance, self.seed, self.upsample)
-        self.widget = self._layout(self.caption, self.prior, self.prior_guidance, self.decoder_guidance, self.seed)
+        self._watch(self.caption, self.prior, self.prior_guidance_scale, self.decoder_guidance_scale, self.seed, self.upsample)
+        self.widget = self._layout(self.caption, self.prior, self.prior_guidance_scale, self.decoder_guidance_scale, self.seed)
         self.update()
 
     def _sync_prior_controls(self) -> None:
         """The AR prior has no guidance: its slider is disabled (and ignored) while it is chosen."""
-        self.prior_guidance.disabled = self.prior.value == "ar"
+        self.prior_guidance_scale.disabled = self.prior.value == "ar"
 
     def z_i(self) -> torch.Tensor:
         caption = self.pipe.check_captions([self.caption.value])[0]
-        guidance = None if self.prior.value == "ar" else float(self.prior_guidance.value)
-        key = (caption, self.prior.value, guidance, int(self.seed.value))
+        guidance_scale = None if self.prior.value == "ar" else float(self.prior_guidance_scale.value)
+        key = (caption, self.prior.value, guidance_scale, int(self.seed.value))
         if key not in self._z:
             self.calls["prior"] += 1
-            self._z[key] = self.pipe.priors[key[1]].sample([caption] * self.n, guidance=key[2],
+            self._z[key] = self.pipe.priors[key[1]].sample([caption] * self.n, guidance_scale=key[2],
                                                            seed=stage_seed(key[3], "prior"))
         return self._z[key]
 
     def render(self) -> torch.Tensor:
         z = self.z_i()
         self.calls["decode"] += 1
-        return self.pipe.decode(z, [self.caption.value] * self.n, decoder_guidance=float(self.decoder_guidance.value),
+        return self.pipe.decode(z, [self.caption.value] * self.n, decoder_guidance_scale=float(self.decoder_guidance_scale.value),
                                 steps=self.steps, seed=int(self.seed.value), upsample=self.upsample.value,
                                 progress=False)
 
     def describe(self) -> str:
         prior = ("AR prior" if self.prior.value == "ar" else
-                 f"diffusion prior, guidance {self.prior_guidance.value:.1f}")
-        return f"decoder guidance {self.decoder_guidance.value:.1f} · {prior} · seed {self.seed.value}"
+                 f"diffusion prior, guidance {self.prior_guidance_scale.value:.1f}")
+        return f"decoder guidance {self.decoder_guidance_scale.value:.1f} · {prior} · seed {self.seed.value}"

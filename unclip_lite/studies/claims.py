@@ -21,7 +21,7 @@ from ..stats import frechet_ci, pca_basis
 
 
 def sample_system(pipe, decoder, captions: list[str], condition: str = "prior", prior: str = "diffusion",
-                  guidance: float | None = None, steps: int | None = None, seed: int = 0,
+                  guidance_scale: float | None = None, steps: int | None = None, seed: int = 0,
                   use_caption: bool = True) -> torch.Tensor:
     """32 px images from `decoder` for each caption, conditioned on:
 
@@ -32,7 +32,7 @@ def sample_system(pipe, decoder, captions: list[str], condition: str = "prior", 
     The caption also goes to the decoder unless `use_caption=False`. Noise streams follow
     `pipeline.stage_seed`, so the same seed gives every system the same x_T.
     """
-    check_sampling(seed=seed, steps=steps, guidance=guidance)
+    check_sampling(seed=seed, steps=steps, guidance_scale=guidance_scale)
     if condition == "prior":
         z = pipe.priors[prior].sample(captions, seed=stage_seed(seed, "prior"))
     elif condition == "text":
@@ -41,15 +41,15 @@ def sample_system(pipe, decoder, captions: list[str], condition: str = "prior", 
         z = None
     else:
         raise ValueError(f"condition must be 'prior', 'text' or 'caption', got {condition!r}")
-    return decode_z(pipe, decoder, z, captions, guidance=guidance, steps=steps, seed=seed, use_caption=use_caption)
+    return decode_z(pipe, decoder, z, captions, guidance_scale=guidance_scale, steps=steps, seed=seed, use_caption=use_caption)
 
 
-def decode_z(pipe, decoder, z: torch.Tensor | None, captions: list[str], guidance: float | None = None,
+def decode_z(pipe, decoder, z: torch.Tensor | None, captions: list[str], guidance_scale: float | None = None,
              steps: int | None = None, seed: int = 0, use_caption: bool = True) -> torch.Tensor:
     """Decode given z_i (N, D) (or None) with the captions (or none), from the seed's x_T."""
     n = len(captions)
     states, mask = pipe.caption_states(captions) if use_caption else no_caption(pipe.clip, n)
-    return decoder.decode(z, states, mask, seed=seed, steps=steps, guidance=guidance)
+    return decoder.decode(z, states, mask, seed=seed, steps=steps, guidance_scale=guidance_scale)
 
 
 def diversity(images: torch.Tensor, judge: TrainedJudge, k: int, shapes_named: list[str] | None = None) -> dict:
@@ -126,7 +126,7 @@ def binding_report(images: torch.Tensor, captions: list[str], judge: TrainedJudg
 
 
 def pca_probe(pipe, decoder, judge, z_train: torch.Tensor, data: dict, ks=(1, 2, 4, 8, 16, 32, 64),
-              guidance: float | None = None, steps: int | None = None, seed: int = 0) -> dict:
+              guidance_scale: float | None = None, steps: int | None = None, seed: int = 0) -> dict:
     """Decode val z_i reconstructed from their first k principal components (paper §4, Fig. 7).
 
     The PCA is fitted on the training z_i; each reconstruction is renormalised to the unit sphere
@@ -144,7 +144,7 @@ def pca_probe(pipe, decoder, judge, z_train: torch.Tensor, data: dict, ks=(1, 2,
 
     def accuracy_at(k: int) -> dict:
         zk = F.normalize((mean + coords[:, :k] @ v[:, :k].T).float(), dim=-1)
-        images = decode_z(pipe, decoder, zk, list(data["captions"]), guidance=guidance, steps=steps, seed=seed,
+        images = decode_z(pipe, decoder, zk, list(data["captions"]), guidance_scale=guidance_scale, steps=steps, seed=seed,
                           use_caption=False)
         return attribute_accuracy(images, data["attributes"], judge)
 
@@ -214,12 +214,12 @@ class Systems:
         self.samples: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, name: str, split: str, decoder, condition: str = "prior", prior: str = "diffusion",
-                 guidance: float | None = None) -> dict:
+                 guidance_scale: float | None = None) -> dict:
         """`system_report` of `decoder` fed by `condition` ("prior", "caption" or "text") on `split`."""
-        key = (name, split, guidance)
+        key = (name, split, guidance_scale)
         if key not in self.results:
             imgs = sample_system(self.pipe, decoder, self.captions[split], condition=condition, prior=prior,
-                                 guidance=guidance, steps=self.steps, seed=self.seed)
+                                 guidance_scale=guidance_scale, steps=self.steps, seed=self.seed)
             self.samples[key] = imgs
             self.results[key] = system_report(imgs, self.captions[split], self.judge, self.k,
                                               self.real_feats[split], self.basis)
@@ -259,3 +259,19 @@ def verdict_counts(rows: list[dict]) -> dict[str, int]:
     """How many rows reproduce, reverse or do not resolve the paper's direction."""
     verdicts = [r["verdict"].split(":")[0] for r in rows]
     return {v: verdicts.count(v) for v in ("reproduced", "reversed", "not resolved", "not measured")}
+
+
+def unexpected_verdicts(rows: list[dict], expected: dict[tuple[str, str], set[str]]) -> list[dict]:
+    """The rows whose verdict is not one that `expected` allows. A key (claim prefix, measure
+    word) applies to a row whose claim starts with the prefix and whose measure contains the word
+    ("" matches any measure); the first matching key counts, and a row no key matches is
+    reported too (nothing was said about it)."""
+    out = []
+    for row in rows:
+        allowed = next((v for (claim, word), v in expected.items()
+                        if row["claim"].startswith(claim) and word in row["measure"]), None)
+        verdict = row["verdict"].split(":")[0]
+        if allowed is None or verdict not in allowed:
+            out.append({"claim": row["claim"], "split": row["split"], "measure": row["measure"],
+                        "verdict": row["verdict"], "expected": sorted(allowed) if allowed else "nothing stated"})
+    return out
