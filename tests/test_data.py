@@ -182,3 +182,104 @@ def test_the_folder_cache_is_keyed_on_file_content(tmp_path):
     Image.fromarray(ShapesWorld("val")[1].image).save(folder / "im0.png")  # other pixels...
     os.utime(folder / "im0.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))  # ...same modification time
     assert dataset_key(CaptionFolder(folder), 1) != before
+
+
+# ---------------------------------------------------------------------------------------------
+# A caption folder as every stage's data source
+
+
+def _folder_preset(root, **data):
+    from unclip_lite.config import get_preset, set_field
+    preset = set_field(get_preset("smoke"), "data.source", str(root))
+    for key, value in data.items():
+        preset = set_field(preset, f"data.{key}", value)
+    return preset
+
+
+def test_a_folder_splits_into_disjoint_train_and_val_by_a_seeded_hash(tmp_path):
+    from unclip_lite.data import dataset, in_val
+    from unclip_lite.icons import make_icon_folder
+    root = make_icon_folder(tmp_path / "icons", n=200, seed=0)
+    preset = _folder_preset(root, val_fraction=0.2)
+    train, val = dataset(preset, "train"), dataset(preset, "val")
+    names = lambda d: {p.name for p, _, _ in d.entries}  # noqa: E731
+    assert not names(train) & names(val) and len(train) + len(val) == 200
+    assert 20 <= len(val) <= 60  # 20% of 200 by a hash: 40 expected
+    assert names(dataset(preset, "val")) == names(val)  # the same folder and seed: the same split
+    assert names(dataset(_folder_preset(root, val_fraction=0.2, split_seed=1), "val")) != names(val)
+    assert in_val("icon_00007.png", 0.2, 0) == in_val("icon_00007.png", 0.2, 0)  # a file's side depends on its name only
+    sample = train[0]
+    assert sample.image.shape == (64, 64, 3) and sample.caption
+
+
+def test_shapesworld_only_requests_on_a_folder_say_what_to_use_instead(tmp_path):
+    from unclip_lite.data import NeedsShapesWorld, dataset
+    from unclip_lite.icons import make_icon_folder
+    from unclip_lite.judge import ensure_judge
+    root = make_icon_folder(tmp_path / "icons", n=40, seed=0)
+    preset = _folder_preset(root)
+    with pytest.raises(NeedsShapesWorld, match="'heldout' split needs ShapesWorld"):
+        dataset(preset, "heldout")
+    with pytest.raises(NeedsShapesWorld, match="the judge needs ShapesWorld.*judge-free"):
+        ensure_judge(tmp_path / "artifacts", preset)
+    assert not (tmp_path / "artifacts" / "judge").exists()
+
+
+def test_a_stage_records_the_folder_and_its_content(tmp_path):
+    from unclip_lite.data import _FOLDERS, source_config
+    from unclip_lite.icons import make_icon_folder
+    root = make_icon_folder(tmp_path / "icons", n=30, seed=0)
+    preset = _folder_preset(root)
+    first = source_config(preset)["data"]
+    assert first["source"] == str(root.resolve()) and first["entries"] == 30 and "world" not in source_config(preset)
+    lines = (root / "captions.jsonl").read_text().splitlines()
+    row = json.loads(lines[0])
+    row["caption"] = "a caption edited by hand"
+    (root / "captions.jsonl").write_text("\n".join([json.dumps(row)] + lines[1:]) + "\n")
+    _FOLDERS.clear()  # a new process would read the folder afresh
+    assert source_config(preset)["data"]["content"] != first["content"]  # stored stages become stale, not mixed
+
+
+def test_an_empty_val_split_is_an_error_naming_the_setting(tmp_path):
+    from unclip_lite.data import dataset
+    from unclip_lite.icons import make_icon_folder
+    root = make_icon_folder(tmp_path / "icons", n=5, seed=0)
+    with pytest.raises(DataError, match="val split is empty.*data.val_fraction"):
+        dataset(_folder_preset(root, val_fraction=0.0), "val")
+
+
+def test_icon_folder_is_deterministic_and_kept_when_made_again(tmp_path):
+    from unclip_lite.icons import make_icon_folder
+    a = make_icon_folder(tmp_path / "a", n=12, seed=3)
+    b = make_icon_folder(tmp_path / "b", n=12, seed=3)
+    assert (a / "captions.jsonl").read_text() == (b / "captions.jsonl").read_text()
+    assert (a / "icon_00011.png").read_bytes() == (b / "icon_00011.png").read_bytes()
+    stamp = (a / "captions.jsonl").stat().st_mtime_ns
+    make_icon_folder(a, n=12, seed=3)
+    assert (a / "captions.jsonl").stat().st_mtime_ns == stamp
+    folder = CaptionFolder(a)
+    assert len(folder) == 12 and all(c for _, c, _ in folder.entries)
+
+
+@pytest.mark.slow
+def test_every_stage_trains_on_a_folder_from_one_command(tmp_path):
+    """`train all --data DIR`: CLIP, the decoder, both priors and the upsampler on a caption
+    folder that is not ShapesWorld, then the cascade loads and draws from a caption."""
+    from unclip_lite.checkpoint import read_json
+    from unclip_lite.icons import make_icon_folder
+    from unclip_lite.pipeline import UnCLIP
+    root = make_icon_folder(tmp_path / "icons", n=160, seed=0)
+    art = tmp_path / "artifacts"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "unclip_lite", "train", "all", "--preset", "smoke", "--data", str(root),
+                           "--artifacts", str(art), "--no-progress"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for stage in ("clip", "decoder", "prior_diffusion", "prior_ar", "upsampler"):
+        assert read_json(art / stage / "config.json")["config"]["data"]["source"] == str(root.resolve()), stage
+    assert not (art / "judge").exists()
+    assert "val" in read_json(art / "prior_diffusion" / "metrics.json")["eval"]
+    images = UnCLIP.from_artifacts(art).generate(["a teal house on white paper"], seed=0, progress=False, steps=2)
+    assert images.shape == (1, 3, 64, 64)
+    refused = subprocess.run([sys.executable, "-m", "unclip_lite", "train", "judge", "--preset", "smoke", "--data", str(root),
+                              "--artifacts", str(art)], capture_output=True, text=True, env=env)
+    assert refused.returncode != 0 and "the judge needs ShapesWorld" in refused.stderr

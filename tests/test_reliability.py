@@ -259,14 +259,14 @@ def test_widgets_and_studies_refuse_bad_arguments_by_name(smoke_pipe):
 
 def test_stage_config_fields_out_of_range_are_refused_from_json_and_from_the_command_line():
     from unclip_lite.commands import apply_overrides
-    from unclip_lite.config import Preset, from_dict, get_preset, to_dict
+    from unclip_lite.config import PRESETS, Preset, from_dict, get_preset, to_dict
     data = to_dict(get_preset("smoke"))
     data["decoder"]["sample_steps"] = 0
     with pytest.raises(ValueError, match=r"config field decoder.sample_steps = 0: must be an integer >= 1"):
         from_dict(Preset, data)
     with pytest.raises(SystemExit, match=r"prior.p_drop_text = 1.5: must be a probability in \[0, 1\]"):
         apply_overrides(get_preset("smoke"), ["prior.p_drop_text=1.5"])
-    for name in ("smoke", "course", "gpu"):  # every shipped preset passes
+    for name in PRESETS:  # every shipped preset passes
         from_dict(Preset, to_dict(get_preset(name)))
 
 

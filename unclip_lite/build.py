@@ -1,11 +1,13 @@
 """Every stage in course order: `ensure_all` trains what is missing in an artifacts folder (the
-judge first, so that each stage that measures itself with the judge gets it passed in) and
-`ensure_pipeline` returns the checked cascade. The stages never train one another."""
+judge first, so that each stage that measures itself with the judge gets it passed in; on a
+caption folder there is no judge) and `ensure_pipeline` returns the checked cascade. The stages
+never train one another."""
 from __future__ import annotations
 
 from pathlib import Path
 
 from .clip import ensure_clip
+from .data import uses_folder
 from .decoder import ensure_decoder
 from .judge import ensure_judge
 from .pipeline import PRIOR_KINDS, UnCLIP
@@ -15,8 +17,10 @@ from .upsampler import ensure_upsampler
 
 def ensure_all(artifacts_dir: str | Path, preset, progress: bool = True) -> dict:
     """The judge, CLIP, the decoder, both priors and the upsampler from `artifacts_dir`, each
-    trained first if missing or stale, in the course's order. Returns them by name."""
-    judge = ensure_judge(artifacts_dir, preset, progress=progress)
+    trained first if missing or stale, in the course's order. Returns them by name. When the
+    preset's data is a caption folder there is no judge ("judge": None): every stage trains on
+    the folder and measures itself without one."""
+    judge = None if uses_folder(preset) else ensure_judge(artifacts_dir, preset, progress=progress)
     clip = ensure_clip(artifacts_dir, preset, progress=progress)
     stages = {"judge": judge, "clip": clip,
               "decoder": ensure_decoder(artifacts_dir, preset, clip, judge, progress=progress)}

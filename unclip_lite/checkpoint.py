@@ -123,6 +123,11 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) atomically (see `_atomic_write`)."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: str | Path, data) -> None:
     """Write JSON atomically."""
     def write(tmp):

@@ -32,11 +32,11 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import ClipConfig, Preset, from_dict, to_dict
-from .data import dataset_key, rendered
+from .data import dataset, dataset_key, eval_splits, rendered, source_config, uses_folder
 from .clip_model import ClipModel, load_clip
 from .images import resize_uint8
 from .runtime import attention_backend, main_process_first, seed_everything, world
-from .shapes import (BACKGROUNDS, COLOURS, PROMPT_ATTRIBUTES, SHAPES, SIZES, ShapesWorld, caption_codes,
+from .shapes import (BACKGROUNDS, COLOURS, PROMPT_ATTRIBUTES, SHAPES, SIZES, caption_codes,
                      match_matrix, partial_caption, scene_codes)
 from .stage import ensure_stage
 from .train import clear_state, train
@@ -264,14 +264,16 @@ def modality_gap(image_embed: torch.Tensor, text_embed: torch.Tensor) -> dict:
     }
 
 
-def evaluate_clip(clip: ClipModel, world, n: int, cache_dir: Path | None = None) -> dict:
-    """Zero-shot accuracy, retrieval and the modality gap on the val and held-out splits."""
+def evaluate_clip(clip: ClipModel, preset: Preset, n: int, cache_dir: Path | None = None) -> dict:
+    """Retrieval and the modality gap on the val and held-out splits (a caption folder: its val
+    split), and on ShapesWorld zero-shot accuracy per attribute."""
     report = {}
-    for split in ("val", "heldout"):
-        data = rendered(ShapesWorld(split, world), n, cache_dir)
+    for split in eval_splits(preset):
+        data = rendered(dataset(preset, split), n, cache_dir)
         zi, zt = clip.encode_images(data["images"]), clip.encode_texts(data["captions"])
-        report[split] = {"zero_shot": zero_shot(clip, zi, data["attributes"]),
-                         "retrieval": retrieval(zi, zt, data), "modality_gap": modality_gap(zi, zt)}
+        report[split] = {"retrieval": retrieval(zi, zt, data), "modality_gap": modality_gap(zi, zt)}
+        if not uses_folder(preset):
+            report[split] = {"zero_shot": zero_shot(clip, zi, data["attributes"]), **report[split]}
     return report
 
 
@@ -280,19 +282,19 @@ def evaluate_clip(clip: ClipModel, world, n: int, cache_dir: Path | None = None)
 
 
 def _stage_config(preset: Preset) -> dict:
-    """What the CLIP artifact depends on: its own config and the world it was trained on."""
-    return {"clip": to_dict(preset.clip), "world": to_dict(preset.world)}
+    """What the CLIP artifact depends on: its own config and the data it was trained on."""
+    return {"clip": to_dict(preset.clip), **source_config(preset)}
 
 
 def train_clip(preset: Preset, out_dir: str | Path, progress: bool = True) -> ClipModel:
-    """Train CLIP on ShapesWorld's train split and save it as the `clip` artifact.
+    """Train CLIP on the preset's train split (ShapesWorld or a caption folder) and save it as the `clip` artifact.
 
     The artifact's ``model.safetensors`` is a plain open_clip state dict: it loads with
     ``open_clip.create_model(name, pretrained=<path>)`` as well as with `load_clip_stage`.
     """
     cfg, out_dir = preset.clip, Path(out_dir)
     cache = out_dir.parent / "cache"
-    data = rendered(ShapesWorld("train", preset.world), cfg.n_train_images, cache)
+    data = rendered(dataset(preset, "train"), cfg.n_train_images, cache)
     stage_config = _stage_config(preset)
     seed_everything(cfg.train.seed)
     clip = load_clip(cfg.model, device=cfg.train.device, precision=cfg.train.precision)
@@ -301,7 +303,7 @@ def train_clip(preset: Preset, out_dir: str | Path, progress: bool = True) -> Cl
     train_metrics = train(clip.model, clip_loss, batches, cfg.train, run_dir=out_dir, progress=progress,
                           desc="clip", run_config=stage_config)
     clip.model.eval()
-    metrics = {"train": train_metrics, "eval": evaluate_clip(clip, preset.world, cfg.n_eval, cache),
+    metrics = {"train": train_metrics, "eval": evaluate_clip(clip, preset, cfg.n_eval, cache),
                "n_params": sum(p.numel() for p in clip.model.parameters()),
                "logit_scale": float(clip.model.logit_scale.detach().exp().clamp(max=MAX_LOGIT_SCALE))}
     ckpt.save_stage(out_dir, "clip", {k: v.contiguous() for k, v in clip.model.state_dict().items()},

@@ -16,15 +16,17 @@ import json
 import time
 from pathlib import Path
 
+from .build import ensure_all
 from .clip import ensure_clip
 from .config import PRESETS, check_ranges, get_preset, set_field
+from .data import uses_folder
 from .decoder import ensure_decoder
 from .judge import ensure_judge
 from .prior import ensure_prior
 from .runtime import init_distributed
 from .upsampler import ensure_upsampler
 
-STAGES = ("judge", "clip", "decoder", "decoder-caption-only", "prior", "ar-prior", "upsampler")
+STAGES = ("all", "judge", "clip", "decoder", "decoder-caption-only", "prior", "ar-prior", "upsampler")  # all: build.ensure_all
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +37,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=f"stages: {', '.join(STAGES)}; presets: {presets}. Example: python -m unclip_lite train decoder "
                "--preset course --set decoder.train.steps=4000 --set decoder.train.device=cuda. "
                "Several processes: torchrun --nproc-per-node N -m unclip_lite train STAGE ... (README: scaling out)")
-    ap.add_argument("stage", choices=STAGES, help="the stage to train")
+    ap.add_argument("stage", choices=STAGES, help="the stage to train (all: every stage, in the course order)")
     ap.add_argument("--preset", default="course", choices=sorted(PRESETS), help="the preset (default: course)")
     ap.add_argument("--artifacts", type=Path, default=Path("build/artifacts"), help="the artifacts folder")
+    ap.add_argument("--data", default=None, metavar="DIR",
+                    help="train on a caption folder (images + captions.jsonl or captions.csv) instead of ShapesWorld; "
+                         "the same as --set data.source=DIR. The judge needs ShapesWorld")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
                     help="change a preset field, e.g. decoder.train.steps=4000 (repeatable)")
     ap.add_argument("--retrain", action="store_true", help="train even if a matching artifact exists")
@@ -61,11 +66,18 @@ def apply_overrides(preset, overrides: list[str]):
 
 def train_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    preset = apply_overrides(get_preset(args.preset), args.overrides)
+    preset = apply_overrides(get_preset(args.preset), ([f"data.source={args.data}"] if args.data else []) + args.overrides)
+    if args.stage == "judge" and uses_folder(preset):
+        raise SystemExit(f"the judge needs ShapesWorld (it reads the world's attributes); --data {preset.data.source} "
+                         "trains every other stage")
     rank, world_size = init_distributed(preset.judge.train.device)  # under torchrun: every rank runs this
     progress, folder = not args.no_progress, args.artifacts
     t0 = time.perf_counter()
-    if args.stage == "judge":
+    if args.stage == "all":  # every stage in course order (no judge on a caption folder)
+        if args.retrain:
+            raise SystemExit("--retrain applies to one stage; name it (e.g. train decoder --retrain)")
+        trained = ensure_all(folder, preset, progress=progress)["decoder"]
+    elif args.stage == "judge":
         trained = ensure_judge(folder, preset, retrain=args.retrain, progress=progress)
     elif args.stage == "upsampler":
         trained = ensure_upsampler(folder, preset, retrain=args.retrain, progress=progress)
@@ -73,7 +85,7 @@ def train_main(argv: list[str]) -> int:
         clip = ensure_clip(folder, preset, retrain=args.retrain and args.stage == "clip", progress=progress)
         trained = clip
         if args.stage.startswith("decoder"):
-            judge = ensure_judge(folder, preset, progress=progress)  # the decoder measures itself with it
+            judge = None if uses_folder(preset) else ensure_judge(folder, preset, progress=progress)  # the decoder measures itself with it
             trained = ensure_decoder(folder, preset, clip, judge, caption_only=args.stage == "decoder-caption-only",
                                      retrain=args.retrain, progress=progress)
         elif args.stage in ("prior", "ar-prior"):

@@ -2,6 +2,8 @@
 
 Presets:
 - ``smoke``: the unit tests; every stage trains in seconds and means nothing.
+- ``mini``: notebook 08's default on a caption folder of a few thousand images: the whole
+  cascade in a few minutes on a 2-core CPU, small enough to learn colours and outlines of icons.
 - ``course``: the notebook defaults; minutes on a 2-core CPU.
 - ``gpu``: one GPU; larger models, more data and steps.
 
@@ -38,6 +40,16 @@ class WorldConfig:
     n_val: int = 2_000  # validation: model selection and the notebooks' figures
     n_test: int = 2_000  # test: the reported numbers
     n_heldout: int = 1_000  # held-out compositions only
+
+
+@dataclass
+class DataConfig:
+    """Where every stage's images and captions come from (data.py): ShapesWorld or a caption folder."""
+
+    source: str = "shapesworld"  # "shapesworld", or the path of a caption folder (images + captions.jsonl or .csv)
+    val_fraction: float = 0.1  # a folder's share of entries held out as its val split (by a seeded hash of the file name)
+    split_seed: int = 0  # seeds that hash: the same folder and seed always give the same split
+    allow_symlinks: bool = False  # follow symlinks inside the folder (links that leave it are refused either way)
 
 
 @dataclass
@@ -212,6 +224,7 @@ class Preset:
     """All stage configs of one named preset."""
 
     name: str = "course"  # smoke | course | gpu
+    data: DataConfig = field(default_factory=DataConfig)  # ShapesWorld (the world below) or a caption folder
     world: WorldConfig = field(default_factory=WorldConfig)  # the data world
     judge: JudgeConfig = field(default_factory=JudgeConfig)  # the ruler
     clip: ClipConfig = field(default_factory=ClipConfig)  # the latent space
@@ -234,7 +247,8 @@ def _from_file(name: str) -> typing.Callable[[], Preset]:
     return load
 
 
-PRESETS: dict[str, typing.Callable[[], Preset]] = {"smoke": _from_file("smoke"), "course": Preset, "gpu": _from_file("gpu")}
+PRESETS: dict[str, typing.Callable[[], Preset]] = {"smoke": _from_file("smoke"), "mini": _from_file("mini"), "course": Preset,
+                                                   "gpu": _from_file("gpu")}
 
 
 def get_preset(name: str) -> Preset:
@@ -308,7 +322,7 @@ POSITIVE_INTS = {"base_channels", "baseline_steps", "best_of", "blocks_per_level
                  "dot_buckets", "feature_dim", "heads", "image_size", "layers", "n_compare", "n_eval", "n_eval_images",
                  "n_heldout", "n_pool", "n_test", "n_train", "n_train_images", "n_val", "patch_size", "sample_steps",
                  "supersample", "width"}  # counts and sizes: at least 1
-PROBABILITIES = {"dropout", "variance_kept"}  # with every p_* field: in [0, 1]
+PROBABILITIES = {"dropout", "variance_kept", "val_fraction"}  # with every p_* field: in [0, 1]
 NON_NEGATIVE = {"aug_level", "aug_max", "blur_sigma", "guidance_scale", "min_snr_gamma", "residual_scale"}
 
 

@@ -1,9 +1,10 @@
 """The course runner: executes ``notebooks/NN_*.ipynb`` in order with papermill.
 
-    python -m unclip_lite course [--preset course] [--artifacts build/artifacts] [--only 01 02]
+    python -m unclip_lite course [--preset course] [--artifacts build/artifacts] [--only 01 02] [--data DIR]
 
 Every notebook gets the same parameters (``preset``, ``artifacts_dir``, ``progress=False``) and
-writes its executed copy to ``build/executed/``. Notebooks share results only through the
+writes its executed copy to ``build/executed/``; ``--data DIR`` (a caption folder) goes to the
+notebooks that take a ``data`` parameter (08; the others are about ShapesWorld). Notebooks share results only through the
 artifacts folder. The runner stops at the first failure and shows the failing cell, prints a
 table (time, status, key metric), and ends with the line ``N passed, N failed``.
 
@@ -61,6 +62,14 @@ def discover(notebooks_dir: str | Path, only: list[str] | None = None) -> list[P
     return paths
 
 
+def takes_parameter(notebook: Path, name: str) -> bool:
+    """Whether the notebook's parameters cell (tagged "parameters") assigns `name`."""
+    nb = json.loads(notebook.read_text(encoding="utf-8"))
+    cell = next((c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])), None)
+    lines = "".join(cell["source"]).splitlines() if cell else []
+    return any(line.split(":")[0].split("=")[0].strip() == name for line in lines)
+
+
 def _failing_cell(exc, output: Path) -> str:
     """A readable description of the cell that failed, from papermill's error and the output."""
     lines = [f"{getattr(exc, 'ename', type(exc).__name__)}: {getattr(exc, 'evalue', exc)}"]
@@ -79,7 +88,7 @@ def _failing_cell(exc, output: Path) -> str:
 
 def run_course(notebooks_dir: str | Path = "notebooks", out_dir: str | Path = "build/executed",
                artifacts_dir: str | Path = "build/artifacts", preset: str = "course",
-               only: list[str] | None = None, stream=sys.stdout) -> list[NotebookResult]:
+               only: list[str] | None = None, stream=sys.stdout, data: str | None = None) -> list[NotebookResult]:
     """Run the notebooks in order; stop at the first failure. Returns one result per notebook."""
     import papermill as pm
 
@@ -98,12 +107,13 @@ def run_course(notebooks_dir: str | Path = "notebooks", out_dir: str | Path = "b
         summary.unlink(missing_ok=True)
         output = out_dir / nb.name
         print(f"[course] running {nb.name} (preset={preset})", file=stream, flush=True)
+        parameters = {"preset": preset, "artifacts_dir": str(artifacts_dir), "progress": False}
+        if data is not None and takes_parameter(nb, "data"):
+            parameters["data"] = str(Path(data).resolve())
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(nb), str(output), kernel_name="python3", progress_bar=False,
-                                cwd=str(nb.parent.resolve()),
-                                parameters={"preset": preset, "artifacts_dir": str(artifacts_dir),
-                                            "progress": False})
+                                cwd=str(nb.parent.resolve()), parameters=parameters)
             key = json.loads(summary.read_text())["key_metric"] if summary.exists() else "(none reported)"
             results.append(NotebookResult(nb.stem, "passed", time.perf_counter() - t0, key))
         except Exception as exc:  # papermill's PapermillExecutionError, or a kernel that died
@@ -138,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="build/executed", help="where executed notebooks go")
     parser.add_argument("--artifacts", default="build/artifacts", help="the shared artifacts folder")
     parser.add_argument("--only", nargs="*", help="run only notebooks whose names start with these")
+    parser.add_argument("--data", default=None, metavar="DIR",
+                        help="a caption folder for the notebooks that take one (08: your own images)")
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")
     if not discover(args.notebooks, args.only):
         parser.error(f"no notebooks NN_*.ipynb{' matching ' + str(args.only) if args.only else ''} in "
                      f"{Path(args.notebooks).resolve()} (run from the repository root, or pass --notebooks)")
-    results = run_course(args.notebooks, args.out, args.artifacts, args.preset, args.only)
+    if args.data is not None and not Path(args.data).is_dir():
+        parser.error(f"--data {args.data}: no such folder")
+    results = run_course(args.notebooks, args.out, args.artifacts, args.preset, args.only, data=args.data)
     return 0 if all(r.status == "passed" for r in results) else 1

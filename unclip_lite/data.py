@@ -230,3 +230,103 @@ def single_object(data: dict, n: int | None = None) -> dict:
     keep = [i for i, a in enumerate(data["attributes"]) if a["count"] == 1][:n]
     return {"images": data["images"][keep], "captions": [data["captions"][i] for i in keep],
             "attributes": [data["attributes"][i] for i in keep], "index": keep}
+
+
+# ---------------------------------------------------------------------------------------------
+# The data source of a preset: ShapesWorld or a caption folder, chosen by `preset.data.source`
+
+SHAPESWORLD = "shapesworld"
+FOLDER_SPLITS = ("train", "val")
+
+
+class NeedsShapesWorld(ValueError):
+    """Asked for something only ShapesWorld has (the judge, held-out compositions, attributes)
+    while the preset's data is a caption folder."""
+
+
+def uses_folder(preset) -> bool:
+    """Whether the preset trains on a caption folder rather than ShapesWorld."""
+    return preset.data.source != SHAPESWORLD
+
+
+def require_shapesworld(preset, what: str) -> None:
+    """Refuse `what` (e.g. "the judge") when the preset's data is a caption folder, saying why."""
+    if uses_folder(preset):
+        raise NeedsShapesWorld(
+            f"{what} needs ShapesWorld (it reads the world's ground-truth attributes), but this preset's data is "
+            f"the caption folder {preset.data.source}; on a folder, measure with the judge-free measures "
+            "(unclip_lite.studies.judge_free: CLIP score, retrieval, Fréchet distance on CLIP features)")
+
+
+_FOLDERS: dict[tuple, CaptionFolder] = {}
+
+
+def caption_folder(data_cfg, image_size: int) -> CaptionFolder:
+    """The preset's caption folder, read and checked once per process (again if its index file changes)."""
+    root = Path(data_cfg.source).expanduser()
+    index = next((root / n for n in ("captions.jsonl", "captions.csv") if (root / n).exists()), None)
+    stamp = (index.stat().st_mtime_ns, index.stat().st_size) if index is not None else None
+    key = (str(root.resolve()), image_size, data_cfg.allow_symlinks, stamp)
+    if key not in _FOLDERS:
+        _FOLDERS[key] = CaptionFolder(root, image_size, allow_symlinks=data_cfg.allow_symlinks)
+    return _FOLDERS[key]
+
+
+def in_val(name: str, val_fraction: float, seed: int) -> bool:
+    """The split rule for folders: an entry is in val when a seeded hash of its file name (its
+    path inside the folder) falls below `val_fraction`. Adding files never moves old ones."""
+    h = int(hashlib.sha1(f"{seed}:{name}".encode()).hexdigest()[:12], 16) / 16 ** 12
+    return h < val_fraction
+
+
+class FolderSplit:
+    """The train or val part of a `CaptionFolder` (split by `in_val`), with its interface."""
+
+    def __init__(self, folder: CaptionFolder, split: str, val_fraction: float, seed: int):
+        if split not in FOLDER_SPLITS:
+            raise NeedsShapesWorld(f"a caption folder has the splits {FOLDER_SPLITS}; {split!r} needs ShapesWorld")
+        self.folder, self.split, self.root, self.image_size = folder, split, folder.root, folder.image_size
+        want_val = split == "val"
+        self.entries = [e for e in folder.entries
+                        if in_val(e[0].relative_to(folder.root).as_posix(), val_fraction, seed) == want_val]
+        self.digests = folder.digests
+        if not self.entries:
+            raise DataError(f"{folder.index_file}: the {split} split is empty ({len(folder)} entries, val_fraction "
+                            f"{val_fraction}); add images or change data.val_fraction")
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> Sample:
+        path, caption, attributes = self.entries[index]
+        return Sample(load_image(path, self.image_size), caption, attributes)
+
+
+def dataset(preset, split: str):
+    """The preset's data for `split`: ShapesWorld(split) or a split of its caption folder."""
+    if not uses_folder(preset):
+        return ShapesWorld(split, preset.world)
+    if split not in FOLDER_SPLITS:
+        raise NeedsShapesWorld(f"the {split!r} split needs ShapesWorld; the caption folder {preset.data.source} "
+                               f"has the splits {FOLDER_SPLITS}")
+    return FolderSplit(caption_folder(preset.data, preset.world.image_size), split,
+                       preset.data.val_fraction, preset.data.split_seed)
+
+
+def eval_splits(preset) -> tuple[str, ...]:
+    """The splits a stage measures itself on: val and held-out compositions, or a folder's val."""
+    return ("val",) if uses_folder(preset) else ("val", "heldout")
+
+
+def source_config(preset) -> dict:
+    """What a stage artifact records of its data: ShapesWorld's world config, or the folder's path,
+    split and a hash of its content (file names, image bytes, captions), so that an edited folder
+    makes stored stages stale instead of silently mixing."""
+    from .config import to_dict
+    if not uses_folder(preset):
+        return {"world": to_dict(preset.world)}
+    folder = caption_folder(preset.data, preset.world.image_size)
+    content = hashlib.sha1(json.dumps([[p.relative_to(folder.root).as_posix(), folder.digests.get(p), c]
+                                       for p, c, _ in folder.entries]).encode()).hexdigest()[:16]
+    return {"data": {**to_dict(preset.data), "source": str(folder.root.resolve()), "entries": len(folder),
+                     "content": content, "image_size": preset.world.image_size}}

@@ -30,7 +30,7 @@ from . import geometry
 from .clip import caption_states, embedding_cache
 from .clip_model import ClipModel
 from .config import DecoderConfig, Preset, from_dict, to_dict
-from .data import rendered
+from .data import dataset, rendered, require_shapesworld, source_config
 from .diffusion import GaussianDiffusion, guided
 from .images import IMAGE_SIZE, resize_uint8, to_float
 from .judge import attribute_accuracy
@@ -208,12 +208,12 @@ class TrainedDecoder(TrainedDenoiser):
 def _stage_config(preset: Preset, clip: ClipModel, caption_only: bool) -> dict:
     cfg = to_dict(preset.decoder)
     cfg["caption_only"] = caption_only
-    return {"decoder": cfg, "world": to_dict(preset.world), "clip_fingerprint": clip.fingerprint()}
+    return {"decoder": cfg, **source_config(preset), "clip_fingerprint": clip.fingerprint()}
 
 
 def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_only: bool = False,
                   progress: bool = True, evaluate=None) -> TrainedDecoder:
-    """Train the decoder on the CLIP embedding cache of ShapesWorld's train split and save it.
+    """Train the decoder on the CLIP embedding cache of the preset's train split and save it.
 
     `evaluate(trained) -> dict` (optional) adds metrics before the artifact is written.
     """
@@ -224,9 +224,9 @@ def train_decoder(preset: Preset, clip: ClipModel, out_dir: str | Path, caption_
     schedule = {"stop_after": cfg.baseline_steps} if caption_only else {"snapshot_steps": (cfg.baseline_steps,)}
     out_dir = Path(out_dir)
     cache_dir = out_dir.parent / "cache"
-    world = ShapesWorld("train", preset.world)
-    cache = embedding_cache(clip, world, cfg.n_train_images, cache_dir)
-    images = rendered(world, cfg.n_train_images, cache_dir)["images"]
+    train_data = dataset(preset, "train")
+    cache = embedding_cache(clip, train_data, cfg.n_train_images, cache_dir)
+    images = rendered(train_data, cfg.n_train_images, cache_dir)["images"]
     stage_config = _stage_config(preset, clip, caption_only)
     seed_everything(cfg.train.seed)
     model = Decoder(cfg, clip.embed_dim, clip.width)  # NCHW: channels_last measured slower here
@@ -334,6 +334,7 @@ def reconstruction_report(trained: TrainedDecoder, clip: ClipModel, judge, prese
     steps and guidance) and read them twice: "reconstruction" by the judge, "strict" (shape and
     size) by `geometry.strict_accuracy`; "reference" and "strict"[split]["real"] read the real
     scenes, the ceiling."""
+    require_shapesworld(preset, "the decoder's reconstruction measurements")
     out = {"n_eval": n, "steps": trained.cfg.sample_steps, "guidance": trained.cfg.guidance_scale, "seed": seed}
     t0 = time.perf_counter()
     for split in ("val", "heldout"):

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import JudgeConfig, Preset, WorldConfig, from_dict, to_dict
-from .data import rendered
+from .data import rendered, require_shapesworld
 from .images import DEGRADATIONS, degrade, to_float, to_uint8
 from .runtime import autocast, seed_everything
 from .stage import TrainedModel, ensure_stage
@@ -312,7 +312,7 @@ def train_judge(preset: Preset, out_dir: str | Path, progress: bool = True) -> T
 
 def _stage_config(preset: Preset) -> dict:
     """What the judge artifact depends on: its own config and the world it was trained on."""
-    return {"judge": to_dict(preset.judge), "world": to_dict(preset.world)}
+    return {"judge": to_dict(preset.judge), "world": to_dict(preset.world)}  # ShapesWorld only (ensure_judge refuses a folder)
 
 
 def load_judge(folder: str | Path, preset: Preset | None = None) -> TrainedJudge:
@@ -330,8 +330,10 @@ def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = Fals
 
     A stored judge made with another config (or `retrain=True`) is moved aside to
     `judge.stale-<time>` and a new one is trained: nothing saved is lost, and the message says
-    which fields differed. Use `load_judge` to load strictly.
+    which fields differed. Use `load_judge` to load strictly. The judge reads ShapesWorld's
+    attributes: a preset whose data is a caption folder gets `data.NeedsShapesWorld`.
     """
+    require_shapesworld(preset, "the judge")
     folder = Path(artifacts_dir) / "judge"
     return ensure_stage(folder, "judge", lambda: load_judge(folder, preset),
                         lambda: train_judge(preset, folder, progress=progress), retrain)

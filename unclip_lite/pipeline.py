@@ -70,16 +70,18 @@ class UnCLIP:
                 f"metrics.json). Run the notebooks up to 05, or `python -m unclip_lite course --artifacts {folder}`.")
         clip = load_clip_stage(folder / "clip")
         fingerprint = clip.fingerprint()
-        world = ckpt.read_json(folder / "clip" / ckpt.CONFIG)["config"]["world"]
+        clip_config = ckpt.read_json(folder / "clip" / ckpt.CONFIG)["config"]
+        source = clip_config.get("world", clip_config.get("data"))  # ShapesWorld's world, or a caption folder
         for name in wanted[1:]:
             stored = ckpt.read_json(folder / name / ckpt.CONFIG)["config"]
             if name != "upsampler" and stored.get("clip_fingerprint") != fingerprint:
                 raise PipelineError(
                     f"{folder / name} was trained against another CLIP (fingerprint {stored.get('clip_fingerprint')}) "
                     f"than {folder / 'clip'} ({fingerprint}); retrain {name}, or load it with its own CLIP.")
-            if stored.get("world") is not None and stored["world"] != world:
-                differences = "; ".join(config_diff(stored["world"], world))
-                raise PipelineError(f"{folder / name} was trained on another world than {folder / 'clip'} "
+            theirs = stored.get("world", stored.get("data"))
+            if theirs is not None and theirs != source:
+                differences = "; ".join(config_diff(theirs, source))
+                raise PipelineError(f"{folder / name} was trained on other data than {folder / 'clip'} "
                                     f"({name} != clip: {differences}); retrain {name}.")
         decoder = load_decoder(folder / "decoder")
         trained_priors = {k: load_prior(folder / f"prior_{k}", clip=clip, kind=k) for k in priors}

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
-from .clip import embedding_cache
+from .clip import caption_ids, caption_keys, embedding_cache, scene_keys
 from .clip_model import ClipModel
 from .config import ARPriorConfig, Preset, PriorConfig, from_dict, to_dict
-from .data import rendered
+from .data import dataset, eval_splits, rendered, source_config, uses_folder
 from .diffusion import GaussianDiffusion, guided
 from .prior_nets import ARPrior, DiffusionPrior, best_of_candidates, draw_level, quantisation_report, top_half
 from .runtime import autocast, seed_everything
 from .stage import TrainedModel, ensure_stage
 from .stats import components_for, pca
-from .shapes import ShapesWorld, caption_codes, match_matrix, scene_codes
+from .shapes import match_matrix
 from .train import clear_state, train, unwrap
 
 KINDS = ("diffusion", "ar")
@@ -209,11 +209,20 @@ def train_flops_per_sample(model: nn.Module, loss_fn, batch: dict) -> int:
 # Metrics
 
 
-def nearest_hits(z: torch.Tensor, captions: list[str], pool_z: torch.Tensor, pool_attributes: list[dict]) -> torch.Tensor:
-    """(N,) bool: does the real image nearest to each z (cosine, among the pool) have every
-    attribute its caption names (`shapes.caption_matches`, vectorised)?"""
+def caption_match(captions: list[str], pool_attributes: list[dict], pool_captions: list[str] | None = None) -> np.ndarray:
+    """(captions, pool) bool: which pool images each caption describes. ShapesWorld: every
+    attribute the caption names (`shapes.caption_matches`, vectorised); a caption folder (no
+    ShapesWorld attributes): the image's own caption is the same text."""
+    pool = {"attributes": pool_attributes, "captions": pool_captions or [""] * len(pool_attributes)}
+    return np.asarray(match_matrix(caption_keys(captions, caption_ids(pool)), scene_keys(pool)))
+
+
+def nearest_hits(z: torch.Tensor, captions: list[str], pool_z: torch.Tensor, pool_attributes: list[dict],
+                 pool_captions: list[str] | None = None) -> torch.Tensor:
+    """(N,) bool: does the real image nearest to each z (cosine, among the pool) show what its
+    caption says (`caption_match`)?"""
     nearest = (z @ pool_z.T).argmax(1)
-    match = np.asarray(match_matrix(caption_codes(captions), scene_codes(pool_attributes)))
+    match = caption_match(captions, pool_attributes, pool_captions)
     return torch.from_numpy(match[np.arange(len(captions)), nearest.numpy()])
 
 
@@ -225,13 +234,15 @@ def pairwise_distance(z: torch.Tensor) -> float:
 
 
 def eval_pool(clip: ClipModel, preset: Preset, n_pool: int, cache_dir: Path | None) -> dict:
-    """Rendered val and held-out scenes with their CLIP image embeddings: the nearest-image pool."""
-    out = {}
-    for split in ("val", "heldout"):
-        data = rendered(ShapesWorld(split, preset.world), n_pool, cache_dir)
+    """Val and held-out scenes (a caption folder: its val images) with their CLIP image
+    embeddings: the nearest-image pool."""
+    out, splits = {}, eval_splits(preset)
+    for split in splits:
+        data = rendered(dataset(preset, split), n_pool, cache_dir)
         out[split] = {**data, "image_embed": clip.encode_images(data["images"])}
-    out["z"] = torch.cat([out["val"]["image_embed"], out["heldout"]["image_embed"]])
-    out["attributes"] = out["val"]["attributes"] + out["heldout"]["attributes"]
+    out["z"] = torch.cat([out[s]["image_embed"] for s in splits])
+    out["attributes"] = [a for s in splits for a in out[s]["attributes"]]
+    out["captions"] = [c for s in splits for c in out[s]["captions"]]
     return out
 
 
@@ -254,14 +265,14 @@ def evaluate_prior(trained: TrainedPrior, preset: Preset, cache_dir: Path | None
     pool = eval_pool(clip, preset, cfg.n_pool, cache_dir)
     out = {}
     t0 = time.perf_counter()
-    for split in ("val", "heldout"):
+    for split in eval_splits(preset):
         data = pool[split]
         n = min(cfg.n_eval, len(data["captions"]))
         captions, truth = data["captions"][:n], data["image_embed"][:n]
         z_t, states, mask = trained.encode(captions)
         res = {"n": n, "baseline_text_embed": {
             "cosine": _round(F.cosine_similarity(z_t, truth)),
-            "nearest_hit": _round(nearest_hits(z_t, captions, pool["z"], pool["attributes"]))}}
+            "nearest_hit": _round(nearest_hits(z_t, captions, pool["z"], pool["attributes"], pool["captions"]))}}
         if trained.kind == "diffusion":
             cands = trained.candidates(z_t, states, mask, max(2, cfg.best_of))
             variants = {"best_of_1": cands[:1], f"best_of_{max(2, cfg.best_of)}": cands}
@@ -271,7 +282,7 @@ def evaluate_prior(trained: TrainedPrior, preset: Preset, cache_dir: Path | None
         for name, c in variants.items():
             z = best_of_candidates(c, z_t)
             res[name] = {"cosine": _round(F.cosine_similarity(z, truth)),
-                         "nearest_hit": _round(nearest_hits(z, captions, pool["z"], pool["attributes"]))}
+                         "nearest_hit": _round(nearest_hits(z, captions, pool["z"], pool["attributes"], pool["captions"]))}
         out[split] = res
     out["sample_s"] = round(time.perf_counter() - t0, 2)
     out["default"] = f"best_of_{cfg.best_of}" if trained.kind == "diffusion" else (
@@ -285,7 +296,7 @@ def diversity(trained: TrainedPrior, pool: dict, n_captions: int, per_caption: i
     `n_captions` distinct val captions), next to the real images each caption describes."""
     captions = list(dict.fromkeys(pool["val"]["captions"]))[:n_captions]
     sampled, real = [], []
-    match = np.asarray(match_matrix(caption_codes(captions), scene_codes(pool["attributes"])))
+    match = caption_match(captions, pool["attributes"], pool["captions"])
     for i, caption in enumerate(captions):
         z = trained.sample([caption] * per_caption, seed=i)
         sampled.append(pairwise_distance(z))
@@ -307,7 +318,7 @@ def _cfg(preset: Preset, kind: str):
 
 
 def _stage_config(preset: Preset, clip: ClipModel, kind: str) -> dict:
-    return {"prior": to_dict(_cfg(preset, kind)), "kind": kind, "world": to_dict(preset.world),
+    return {"prior": to_dict(_cfg(preset, kind)), "kind": kind, **source_config(preset),
             "clip_fingerprint": clip.fingerprint()}
 
 
@@ -319,10 +330,10 @@ def _build(kind: str, cfg, z_dim: int, text_width: int, text_length: int, k: int
 
 def train_prior(preset: Preset, clip: ClipModel, out_dir: str | Path, kind: str = "diffusion",
                 progress: bool = True) -> TrainedPrior:
-    """Train a prior on the CLIP embedding cache of ShapesWorld's train split, measure it, save it."""
+    """Train a prior on the CLIP embedding cache of the preset's train split, measure it, save it."""
     cfg, out_dir = _cfg(preset, kind), Path(out_dir)
     cache_dir = out_dir.parent / "cache"
-    cache = embedding_cache(clip, ShapesWorld("train", preset.world), cfg.n_train_images, cache_dir)
+    cache = embedding_cache(clip, dataset(preset, "train"), cfg.n_train_images, cache_dir)
     text_length = int(cache["text_mask"].shape[1])
     stage_config = _stage_config(preset, clip, kind)
     seed_everything(cfg.train.seed)

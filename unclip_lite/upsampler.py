@@ -32,12 +32,11 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Preset, UpsamplerConfig, from_dict, to_dict
-from .data import rendered
+from .data import dataset, rendered, source_config
 from .diffusion import GaussianDiffusion
 from .images import gaussian_blur, psnr, resize_uint8, to_float
 from .runtime import autocast, seed_everything
 from .stage import TrainedDenoiser, ensure_stage
-from .shapes import ShapesWorld
 from .train import clear_state, train
 from .unet import UNet, timestep_embedding
 
@@ -211,11 +210,12 @@ class TrainedUpsampler(TrainedDenoiser):
 # Evaluation
 
 
-def evaluate_upsampler(trained: TrainedUpsampler, world, n: int, cache_dir: Path | None = None,
+def evaluate_upsampler(trained: TrainedUpsampler, val_data, n: int, cache_dir: Path | None = None,
                        steps: int | None = None, seed: int = 0) -> dict:
-    """PSNR on val against the real 64 px images: the upsampler and bicubic, from the clean 32 px
-    downsample and from a blurred one (kernel 3, sigma 0.6); plus sampling time per image."""
-    x64 = rendered(ShapesWorld("val", world), n, cache_dir)["images"]
+    """PSNR on the first `n` images of `val_data` (a val dataset) against their real 64 px versions:
+    the upsampler and bicubic, from the clean 32 px downsample and from a blurred one (kernel 3,
+    sigma 0.6); plus sampling time per image."""
+    x64 = rendered(val_data, n, cache_dir)["images"]
     x32 = to_float(resize_uint8(x64, LOW_RES))
     x64 = to_float(x64)
     blurred = gaussian_blur(x32, trained.cfg.blur_sigma, trained.cfg.blur_kernel)
@@ -236,7 +236,7 @@ def evaluate_upsampler(trained: TrainedUpsampler, world, n: int, cache_dir: Path
 
 
 def _stage_config(preset: Preset) -> dict:
-    return {"upsampler": to_dict(preset.upsampler), "world": to_dict(preset.world)}
+    return {"upsampler": to_dict(preset.upsampler), **source_config(preset)}
 
 
 def train_upsampler(preset: Preset, out_dir: str | Path, progress: bool = True) -> TrainedUpsampler:
@@ -245,7 +245,7 @@ def train_upsampler(preset: Preset, out_dir: str | Path, progress: bool = True) 
     check_config(cfg)
     out_dir = Path(out_dir)
     cache_dir = out_dir.parent / "cache"
-    images = rendered(ShapesWorld("train", preset.world), cfg.n_train_images, cache_dir)["images"]
+    images = rendered(dataset(preset, "train"), cfg.n_train_images, cache_dir)["images"]
     stage_config = _stage_config(preset)
     seed_everything(cfg.train.seed)
     model = Upsampler(cfg)
@@ -254,7 +254,7 @@ def train_upsampler(preset: Preset, out_dir: str | Path, progress: bool = True) 
                           progress=progress, desc="upsampler", run_config=stage_config)
     trained = TrainedUpsampler(model, cfg, device=cfg.train.device)
     metrics = {"train": train_metrics, "n_params": sum(p.numel() for p in model.parameters()),
-               "val": evaluate_upsampler(trained, preset.world, cfg.n_eval, cache_dir)}
+               "val": evaluate_upsampler(trained, dataset(preset, "val"), cfg.n_eval, cache_dir)}
     ckpt.save_stage(out_dir, "upsampler", model.state_dict(), stage_config, metrics)
     clear_state(out_dir)
     trained.metrics = ckpt.read_json(out_dir / ckpt.METRICS)
