@@ -72,6 +72,7 @@ def test_report_on_a_trained_pipeline_has_every_measure(smoke_pipe):
     images = smoke_pipe.generate(captions, seed=0, progress=False, steps=2)
     out = judge_free.judge_free_report(smoke_pipe.clip, images, captions, real, seed=0)
     assert out["n"] == 6 and set(out["retrieval"]) == {"top1", "top5", "chance"}
+    assert out["clip_scores"] == pytest.approx(judge_free.clip_scores(smoke_pipe.clip, images, captions).tolist(), abs=1e-3)
     for key in ("clip_score", "clip_score_real", "clip_score_shuffled", "frechet_clip"):
         m, lo, hi = out[key]
         assert np.isfinite(m) and lo <= hi, (key, out[key])

@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .clip import ensure_clip
-from .data import uses_folder
 from .decoder import ensure_decoder
-from .judge import ensure_judge
+from .judge import judge_if_shapesworld
 from .pipeline import PRIOR_KINDS, UnCLIP
 from .prior import ensure_prior
 from .upsampler import ensure_upsampler
@@ -20,7 +19,7 @@ def ensure_all(artifacts_dir: str | Path, preset, progress: bool = True) -> dict
     trained first if missing or stale, in the course's order. Returns them by name. When the
     preset's data is a caption folder there is no judge ("judge": None): every stage trains on
     the folder and measures itself without one."""
-    judge = None if uses_folder(preset) else ensure_judge(artifacts_dir, preset, progress=progress)
+    judge = judge_if_shapesworld(artifacts_dir, preset, progress=progress)
     clip = ensure_clip(artifacts_dir, preset, progress=progress)
     stages = {"judge": judge, "clip": clip,
               "decoder": ensure_decoder(artifacts_dir, preset, clip, judge, progress=progress)}

@@ -19,9 +19,9 @@ from pathlib import Path
 from .build import ensure_all
 from .clip import ensure_clip
 from .config import PRESETS, check_ranges, get_preset, set_field
-from .data import uses_folder
+from .data import NeedsShapesWorld
 from .decoder import ensure_decoder
-from .judge import ensure_judge
+from .judge import ensure_judge, judge_if_shapesworld
 from .prior import ensure_prior
 from .runtime import init_distributed
 from .upsampler import ensure_upsampler
@@ -67,9 +67,13 @@ def apply_overrides(preset, overrides: list[str]):
 def train_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     preset = apply_overrides(get_preset(args.preset), ([f"data.source={args.data}"] if args.data else []) + args.overrides)
-    if args.stage == "judge" and uses_folder(preset):
-        raise SystemExit(f"the judge needs ShapesWorld (it reads the world's attributes); --data {preset.data.source} "
-                         "trains every other stage")
+    try:
+        return _train(args, preset)
+    except NeedsShapesWorld as err:  # e.g. `train judge --data DIR`: the message says what to use instead
+        raise SystemExit(str(err)) from None
+
+
+def _train(args, preset) -> int:
     rank, world_size = init_distributed(preset.judge.train.device)  # under torchrun: every rank runs this
     progress, folder = not args.no_progress, args.artifacts
     t0 = time.perf_counter()
@@ -85,7 +89,7 @@ def train_main(argv: list[str]) -> int:
         clip = ensure_clip(folder, preset, retrain=args.retrain and args.stage == "clip", progress=progress)
         trained = clip
         if args.stage.startswith("decoder"):
-            judge = None if uses_folder(preset) else ensure_judge(folder, preset, progress=progress)  # the decoder measures itself with it
+            judge = judge_if_shapesworld(folder, preset, progress=progress)  # the decoder measures itself with it
             trained = ensure_decoder(folder, preset, clip, judge, caption_only=args.stage == "decoder-caption-only",
                                      retrain=args.retrain, progress=progress)
         elif args.stage in ("prior", "ar-prior"):

@@ -7,7 +7,7 @@ Presets:
 - ``course``: the notebook defaults; minutes on a 2-core CPU.
 - ``gpu``: one GPU; larger models, more data and steps.
 
-The course preset is the dataclass defaults below; ``smoke`` and ``gpu`` are JSON files in
+The course preset is the dataclass defaults below; ``smoke``, ``mini`` and ``gpu`` are JSON files in
 ``unclip_lite/presets/`` that list only what they change (read by `from_dict`, so a typo in a
 field name is an error, not a silent default).
 

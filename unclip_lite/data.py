@@ -265,7 +265,8 @@ def caption_folder(data_cfg, image_size: int) -> CaptionFolder:
     """The preset's caption folder, read and checked once per process (again if its index file changes)."""
     root = Path(data_cfg.source).expanduser()
     index = next((root / n for n in ("captions.jsonl", "captions.csv") if (root / n).exists()), None)
-    stamp = (index.stat().st_mtime_ns, index.stat().st_size) if index is not None else None
+    stat = index.stat() if index is not None else None
+    stamp = (stat.st_mtime_ns, stat.st_size) if stat is not None else None
     key = (str(root.resolve()), image_size, data_cfg.allow_symlinks, stamp)
     if key not in _FOLDERS:
         _FOLDERS[key] = CaptionFolder(root, image_size, allow_symlinks=data_cfg.allow_symlinks)
@@ -284,7 +285,8 @@ class FolderSplit:
 
     def __init__(self, folder: CaptionFolder, split: str, val_fraction: float, seed: int):
         if split not in FOLDER_SPLITS:
-            raise NeedsShapesWorld(f"a caption folder has the splits {FOLDER_SPLITS}; {split!r} needs ShapesWorld")
+            raise NeedsShapesWorld(f"the {split!r} split needs ShapesWorld; the caption folder {folder.root} "
+                                   f"has the splits {FOLDER_SPLITS}")
         self.folder, self.split, self.root, self.image_size = folder, split, folder.root, folder.image_size
         want_val = split == "val"
         self.entries = [e for e in folder.entries
@@ -306,9 +308,6 @@ def dataset(preset, split: str):
     """The preset's data for `split`: ShapesWorld(split) or a split of its caption folder."""
     if not uses_folder(preset):
         return ShapesWorld(split, preset.world)
-    if split not in FOLDER_SPLITS:
-        raise NeedsShapesWorld(f"the {split!r} split needs ShapesWorld; the caption folder {preset.data.source} "
-                               f"has the splits {FOLDER_SPLITS}")
     return FolderSplit(caption_folder(preset.data, preset.world.image_size), split,
                        preset.data.val_fraction, preset.data.split_seed)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import JudgeConfig, Preset, WorldConfig, from_dict, to_dict
-from .data import rendered, require_shapesworld
+from .data import rendered, require_shapesworld, uses_folder
 from .images import DEGRADATIONS, degrade, to_float, to_uint8
 from .runtime import autocast, seed_everything
 from .stage import TrainedModel, ensure_stage
@@ -322,6 +322,12 @@ def load_judge(folder: str | Path, preset: Preset | None = None) -> TrainedJudge
     model = Judge(cfg.width, cfg.feature_dim)
     model.load_state_dict(state)
     return TrainedJudge(model, metrics, device=cfg.train.device)
+
+
+def judge_if_shapesworld(artifacts_dir: str | Path, preset: Preset, progress: bool = True) -> TrainedJudge | None:
+    """`ensure_judge` for a stage that measures itself with the judge when there is one: None when
+    the preset's data is a caption folder (the judge reads ShapesWorld only)."""
+    return None if uses_folder(preset) else ensure_judge(artifacts_dir, preset, progress=progress)
 
 
 def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = False,

@@ -15,7 +15,7 @@ from . import checkpoint as ckpt
 from .clip import caption_ids, caption_keys, embedding_cache, scene_keys
 from .clip_model import ClipModel
 from .config import ARPriorConfig, Preset, PriorConfig, from_dict, to_dict
-from .data import dataset, eval_splits, rendered, source_config, uses_folder
+from .data import dataset, eval_splits, rendered, source_config
 from .diffusion import GaussianDiffusion, guided
 from .prior_nets import ARPrior, DiffusionPrior, best_of_candidates, draw_level, quantisation_report, top_half
 from .runtime import autocast, seed_everything

@@ -28,18 +28,23 @@ def clip_scores(clip, images: torch.Tensor, captions: list[str]) -> np.ndarray:
     """Per image: 100 x cos(CLIP image embedding, caption's text embedding), (N,)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions: one caption per image")
-    zi, zt = clip.encode_images(images), clip.encode_texts(list(captions))
-    return (100 * (zi * zt).sum(1)).numpy().astype(np.float64)
+    return _scores(clip.encode_images(images), clip, captions)
+
+
+def _scores(image_embed: torch.Tensor, clip, captions: list[str]) -> np.ndarray:
+    return (100 * (image_embed * clip.encode_texts(list(captions))).sum(1)).numpy().astype(np.float64)
 
 
 def retrieval_hits(clip, images: torch.Tensor, captions: list[str], k: int = 5) -> dict[str, np.ndarray]:
     """Caption -> image retrieval among the generated images. Per distinct caption: "top1" and
     f"top{k}" hits (0/1), and "chance" (the share of images generated from that caption)."""
-    zi = clip.encode_images(images)
+    return _retrieval(clip.encode_images(images), clip, captions, k)
+
+
+def _retrieval(image_embed: torch.Tensor, clip, captions: list[str], k: int) -> dict[str, np.ndarray]:
     distinct = sorted(set(captions))
-    zt_all = clip.encode_texts(distinct)
     owner = np.array([distinct.index(c) for c in captions])
-    ranked = (zt_all @ zi.T).argsort(dim=1, descending=True).numpy()  # (captions, images)
+    ranked = (clip.encode_texts(distinct) @ image_embed.T).argsort(dim=1, descending=True).numpy()  # (captions, images)
     top1 = np.array([owner[ranked[j, 0]] == j for j in range(len(distinct))], dtype=np.float64)
     topk = np.array([(owner[ranked[j, :k]] == j).any() for j in range(len(distinct))], dtype=np.float64)
     chance = np.array([(owner == j).mean() for j in range(len(distinct))])
@@ -51,7 +56,11 @@ def frechet_clip(clip, images: torch.Tensor, real: torch.Tensor, dims: int = 16,
     """The Fréchet distance between the CLIP image features of `images` and of `real` images, in
     the first `dims` principal components of the real features, with a bootstrap band (groups of
     `k` samples of one caption resampled together)."""
-    fake, ref = clip.encode_images(images).double(), clip.encode_images(real).double()
+    return _frechet(clip.encode_images(images), clip.encode_images(real), dims, k, seed)
+
+
+def _frechet(fake: torch.Tensor, ref: torch.Tensor, dims: int, k: int, seed: int) -> tuple[float, float, float]:
+    fake, ref = fake.double(), ref.double()
     dims = min(dims, ref.shape[1], len(ref) - 1)
     return stats.frechet_ci(fake, ref, stats.pca_basis(ref, dims), seed=seed, k=k)
 
@@ -60,16 +69,20 @@ def judge_free_report(clip, images: torch.Tensor, captions: list[str], real: dic
     """Every judge-free measure of `images` generated from `captions` (k samples per caption, in
     caption order), against `real` = {"images", "captions"} (a val split). Intervals are bootstrap
     95%; "real" rows are the same measures on the real images (their own captions: the ceiling;
-    shuffled: chance)."""
-    real_scores = clip_scores(clip, real["images"], real["captions"])
+    shuffled: chance); "clip_scores" keeps the per-image scores (for `agreement`). Each image set
+    is encoded once."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions: one caption per image")
+    fake, ref = clip.encode_images(images), clip.encode_images(real["images"])
     shuffled = list(np.random.default_rng(seed).permutation(real["captions"]))
-    hits = retrieval_hits(clip, images, captions)
+    scores = _scores(fake, clip, captions)
     return {"n": len(images),
-            "clip_score": stats.summarise(clip_scores(clip, images, captions)),
-            "clip_score_real": stats.summarise(real_scores),
-            "clip_score_shuffled": stats.summarise(clip_scores(clip, real["images"], shuffled)),
-            "retrieval": {name: stats.summarise(v) for name, v in hits.items()},
-            "frechet_clip": frechet_clip(clip, images, real["images"], k=k, seed=seed)}
+            "clip_score": stats.summarise(scores),
+            "clip_score_real": stats.summarise(_scores(ref, clip, real["captions"])),
+            "clip_score_shuffled": stats.summarise(_scores(ref, clip, shuffled)),
+            "retrieval": {name: stats.summarise(v) for name, v in _retrieval(fake, clip, captions, 5).items()},
+            "frechet_clip": _frechet(fake, ref, 16, k, seed),
+            "clip_scores": [round(float(v), 4) for v in scores]}
 
 
 def agreement(scores, correct) -> dict:
