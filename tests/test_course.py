@@ -71,3 +71,48 @@ def test_every_notebook_runs_at_the_smoke_preset(tmp_path):
     out = io.StringIO()
     results = run_course(ROOT / "notebooks", tmp_path / "executed", tmp_path / "artifacts", preset="smoke", stream=out)
     assert [r.status for r in results] == ["passed"] * len(results), out.getvalue()[-3000:]
+
+
+def test_every_notebook_opens_with_the_map_and_closes_with_what_comes_next():
+    from unclip_lite.plotting import NOTEBOOK_STAGES
+
+    for path in discover(ROOT / "notebooks"):
+        cells = json.loads(path.read_text())["cells"]
+        number, name = path.stem[:2], path.stem
+        assert number in NOTEBOOK_STAGES, f"{path.name}: no boxes in plotting.NOTEBOOK_STAGES"
+        code = ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+        assert any(f'opening("{name}"' in src for src in code[:3]), f"{path.name}: no opening(...) cell near the top"
+        last = "".join(cells[-1]["source"])
+        assert cells[-1]["cell_type"] == "markdown" and last.startswith(("**Next", "**The end of the course")), f"{path.name}: last cell {last[:60]!r}"
+
+
+def test_the_map_highlights_a_notebooks_boxes_and_names_an_unknown_one():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unclip_lite.plotting import MAP_BOXES, NOTEBOOK_STAGES, pipeline_map
+
+    for number, boxes in NOTEBOOK_STAGES.items():
+        assert set(boxes) <= set(MAP_BOXES), number
+        fig = pipeline_map(number)
+        bold = {t.get_text() for t in fig.axes[0].texts if t.get_fontweight() == "bold"}
+        assert bold == {MAP_BOXES[b][0] for b in boxes}, number
+        plt.close(fig)
+    with pytest.raises(ValueError, match="'vae'"):
+        pipeline_map(("decoder", "vae"))
+
+
+def test_timings_round_trip_into_the_opening_sentence(tmp_path):
+    from unclip_lite.course import NotebookResult, measured_time, write_timings
+
+    (tmp_path / "art" / "decoder").mkdir(parents=True)
+    (tmp_path / "art" / "decoder" / "metrics.json").write_text(json.dumps({"train": {"samples_per_s": 123.4}}))
+    results = [NotebookResult("03_decoder", "passed", 612.0), NotebookResult("04_prior", "failed", 5.0)]
+    path = write_timings(results, tmp_path, tmp_path / "art", "course")
+    saved = json.loads(path.read_text())
+    assert saved["notebooks"] == {"03_decoder": 612.0} and saved["decoder_images_per_s"] == 123.4
+    text = measured_time("03_decoder", path)
+    assert "10.2 minutes" in text and "'course'" in text and "123 images/s" in text
+    assert "no recorded time" in measured_time("04_prior", path)
+    assert "no recorded time" in measured_time("03_decoder", tmp_path / "missing.json")

@@ -8,7 +8,10 @@ notebooks that take a ``data`` parameter (08; the others are about ShapesWorld).
 artifacts folder. The runner stops at the first failure and shows the failing cell, prints a
 table (time, status, key metric), and ends with the line ``N passed, N failed``.
 
-A notebook reports its key metric with `report(...)` in its last cell.
+A notebook opens with `opening(...)` (the course map, and how long the notebook took on the
+reference machine) and reports its key metric with `report(...)` in its last cell. The runner
+writes every notebook's time to ``<out>/timings.json``; ``data/course_times.json`` is such a file
+from a course run on the reference machine, which `opening` quotes.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from .config import PRESETS, Preset, get_preset
 from .runtime import seed_everything
 
 SUMMARY_DIR = "course"
+TIMES_FILE = Path(__file__).resolve().parents[1] / "data" / "course_times.json"  # a reference-machine run's timings.json
 
 
 def setup(preset: str, seed: int, artifacts_dir: str | Path) -> tuple[Preset, str]:
@@ -37,11 +41,51 @@ def setup(preset: str, seed: int, artifacts_dir: str | Path) -> tuple[Preset, st
     return cfg, f"{artifacts_dir}/cache"
 
 
-def report(artifacts_dir: str | Path, notebook: str, key_metric: str, **metrics) -> dict:
-    """Record a notebook's key metric (a short human-readable string) for the course table."""
+def measured_time(notebook: str, times_file: str | Path = TIMES_FILE) -> str:
+    """How long `notebook` (e.g. "03_decoder") took in the recorded course run, as a sentence."""
+    try:
+        times = json.loads(Path(times_file).read_text())
+        seconds = times["notebooks"][notebook]
+    except (OSError, ValueError, KeyError):
+        return f"(no recorded time for {notebook} in {Path(times_file).name})"
+    speed = times.get("decoder_images_per_s")
+    return (f"Measured time: {seconds / 60:.1f} minutes at the {times['preset']!r} preset on the machine that recorded it "
+            f"({times['date']}" + (f"; that day its course decoder trained at {speed:.0f} images/s" if speed else "")
+            + "), with the stages of earlier notebooks already trained.")
+
+
+def opening(notebook: str, what: str, times_file: str | Path = TIMES_FILE) -> None:
+    """The first cell of every notebook: the course map with this notebook's boxes highlighted
+    (`plotting.pipeline_map`) and its measured time (`measured_time`)."""
+    import matplotlib.pyplot as plt
+
+    from .plotting import pipeline_map
+
+    pipeline_map(notebook[:2], title=f"notebook {notebook[:2]}: {what} (highlighted)")
+    plt.show()
+    print(measured_time(notebook, times_file))
+
+
+def report(artifacts_dir: str | Path, notebook: str, key_metric: str, **metrics) -> None:
+    """Record a notebook's key metric (a short human-readable string) for the course table, and
+    print it as the notebook's closing summary."""
     data = {"notebook": notebook, "key_metric": key_metric, **metrics}
     write_json(Path(artifacts_dir) / SUMMARY_DIR / f"{notebook}.json", data)
-    return data
+    print(f"What you saw in {notebook}: {key_metric}")
+
+
+def write_timings(results: list["NotebookResult"], out_dir: str | Path, artifacts_dir: str | Path, preset: str) -> Path:
+    """`<out_dir>/timings.json`: each passed notebook's seconds, the preset, the date and the day's
+    speed (the decoder's training images/s, when its artifact is in `artifacts_dir`)."""
+    speed = None
+    try:
+        speed = json.loads((Path(artifacts_dir) / "decoder" / "metrics.json").read_text())["train"]["samples_per_s"]
+    except (OSError, ValueError, KeyError):
+        pass
+    path = Path(out_dir) / "timings.json"
+    write_json(path, {"preset": preset, "date": time.strftime("%Y-%m-%d"), "decoder_images_per_s": speed,
+                      "notebooks": {r.name: round(r.seconds, 1) for r in results if r.status == "passed"}})
+    return path
 
 
 @dataclass
@@ -122,6 +166,7 @@ def run_course(notebooks_dir: str | Path = "notebooks", out_dir: str | Path = "b
                                           error=_failing_cell(exc, output)))
             print(f"[course] {nb.name} FAILED\n{results[-1].error}", file=stream, flush=True)
         print(f"[course] {nb.name}: {results[-1].status} in {results[-1].seconds:.0f}s", file=stream, flush=True)
+    write_timings(results, out_dir, artifacts_dir, preset)
     print_table(results, stream)
     return results
 

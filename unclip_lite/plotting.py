@@ -209,3 +209,77 @@ def interval_bars(intervals, labels: list[str], title: str = "", ax=None, fontsi
     ax.set_xticks(range(len(vals)), labels, fontsize=fontsize)
     ax.set_title(title)
     return ax
+
+
+# The course map: unCLIP's cascade at generation time (top row) and where its pieces come from (bottom
+# row). Each box names the notebook that builds it; `pipeline_map(here=...)` highlights the current ones.
+MAP_BOXES = {  # key: (label, notebook, x, y)
+    "caption": ("caption y\n\"a small red star\"", None, 0.0, 1.0),
+    "clip_text": ("CLIP text\nencoder", "02", 1.45, 1.0),
+    "prior": ("prior\nP(z_i | y)", "04", 2.9, 1.0),
+    "decoder": ("decoder\nP(x | z_i, y)\n32 px", "03", 4.35, 1.0),
+    "upsampler": ("upsampler\n32 → 64 px", "05", 5.8, 1.0),
+    "image": ("image x\n64 px", None, 7.25, 1.0),
+    "world": ("ShapesWorld\nor your folder\n(image, caption)", "01 · 08", 0.0, 0.0),
+    "clip_image": ("CLIP image\nencoder", "02", 2.9, 0.0),
+    "judge": ("judge: reads\nshape, colour, ...", "01", 7.25, 0.0),
+}
+MAP_ARROWS = (("caption", "clip_text", ""), ("clip_text", "prior", "z_t"), ("prior", "decoder", "z_i"),
+              ("decoder", "upsampler", ""), ("upsampler", "image", ""), ("world", "clip_image", "x"),
+              ("clip_image", "prior", "z_i: the prior's target"),
+              ("clip_image", "decoder", "true z_i"), ("image", "judge", ""))
+NOTEBOOK_STAGES = {  # which boxes each notebook is about
+    "01": ("world", "judge"), "02": ("clip_text", "clip_image"), "03": ("decoder",), "04": ("prior",),
+    "05": ("upsampler", "image"), "06": ("clip_image", "decoder", "prior"), "07": ("judge", "prior", "decoder"),
+    "08": ("world",),
+}
+
+
+def pipeline_map(here=(), title: str | None = None, ax=None):
+    """Draw the course map. `here`: box keys (see MAP_BOXES) or a notebook number ("03"), highlighted;
+    everything else is drawn in grey. Returns the figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyBboxPatch
+
+    keys = NOTEBOOK_STAGES.get(here, ()) if isinstance(here, str) and here in NOTEBOOK_STAGES else (
+        (here,) if isinstance(here, str) else tuple(here))
+    unknown = [k for k in keys if k not in MAP_BOXES]
+    if unknown:
+        raise ValueError(f"pipeline_map: unknown box {unknown[0]!r}; choose from {sorted(MAP_BOXES)} "
+                         f"or a notebook number {sorted(NOTEBOOK_STAGES)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(11, 2.9))
+    w, h = 1.05, 0.62
+    for key, (label, nb, x, y) in MAP_BOXES.items():
+        on = key in keys
+        ax.add_patch(FancyBboxPatch((x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                    facecolor="#ffd966" if on else "#f2f2f2", edgecolor="#b45f06" if on else "0.6",
+                                    lw=2.2 if on else 1.0))
+        ax.text(x, y + (0.05 if nb else 0), label, ha="center", va="center", fontsize=8,
+                color="black" if on or not keys else "0.35", fontweight="bold" if on else "normal")
+        if nb:
+            ax.text(x, y - h / 2 + 0.07, f"notebook {nb}", ha="center", va="center", fontsize=6.5, color="0.3")
+    for a, b, label in MAP_ARROWS:
+        (xa, ya), (xb, yb) = MAP_BOXES[a][2:], MAP_BOXES[b][2:]
+        if ya == yb:  # along a row
+            start, end, style, at = (xa + w / 2, ya), (xb - w / 2, yb), "arc3", ((xa + xb) / 2, ya + 0.07)
+        elif xa == xb:  # straight up or down
+            up = 1 if yb > ya else -1
+            start, end, style, at = (xa, ya + up * h / 2), (xb, yb - up * h / 2), "arc3", (xa + 0.06, (ya + yb) / 2)
+        else:  # out of the right side, then up into the box above
+            start, end, style = (xa + w / 2, ya), (xb, yb - h / 2), "angle,angleA=0,angleB=90"
+            at = ((start[0] + xb) / 2, ya + 0.07)
+        ax.annotate("", end, start, arrowprops=dict(arrowstyle="-|>", color="0.25", lw=1.2, connectionstyle=style,
+                                                      shrinkA=0, shrinkB=0))
+        if label:
+            ax.text(*at, label, ha="left" if xa == xb else "center", fontsize=7.5, style="italic")
+    ax.text(-0.55, 1.42, "generating", fontsize=7, color="0.4")
+    ax.text(-0.55, 0.42 - 0.02, "training and measuring", fontsize=7, color="0.4")
+    ax.set_xlim(-0.6, 7.85)
+    ax.set_ylim(-0.4, 1.5)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=10)
+    ax.figure.tight_layout()
+    return ax.figure
