@@ -112,7 +112,8 @@ def test_timings_round_trip_into_the_opening_sentence(tmp_path):
     path = write_timings(results, tmp_path, tmp_path / "art", "course")
     saved = json.loads(path.read_text())
     assert saved["notebooks"] == {"03_decoder": 612.0} and saved["decoder_images_per_s"] == 123.4
+    assert saved["machine"] and saved["date"]
     text = measured_time("03_decoder", path)
-    assert "10.2 minutes" in text and "'course'" in text and "123 images/s" in text
+    assert "10.2 minutes" in text and "'course'" in text and "123 images/s" in text and saved["machine"] in text
     assert "no recorded time" in measured_time("04_prior", path)
     assert "no recorded time" in measured_time("03_decoder", tmp_path / "missing.json")

@@ -4,7 +4,8 @@ import torch
 
 from unclip_lite import checkpoint as ckpt
 from unclip_lite.data import rendered
-from unclip_lite.judge import attribute_accuracy, encode_labels, ensure_judge, HEADS, IGNORE, Judge, load_judge, TrainedJudge
+from unclip_lite.judge import (attribute_accuracy, encode_labels, ensure_judge, HEADS, IGNORE, Judge, load_judge, readings,
+                                TrainedJudge)
 from unclip_lite.images import degrade
 from unclip_lite.stats import frechet_distance
 from unclip_lite.shapes import ShapesWorld, parse_caption
@@ -66,6 +67,9 @@ def test_smoke_judge_trains_saves_and_reloads(tmp_path, smoke):
     assert torch.allclose(again.features(data["images"]), judge.features(data["images"]))
     preds = judge.predict(data["images"][:3])
     assert all(p["shape"] in HEADS["shape"] and p["count"] in (1, 2) for p in preds)
+    phrases = readings(judge, data["images"][:3])  # the phrase is the prediction, object by object
+    assert phrases == [" + ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in p["objects"]) for p in preds]
+    assert all((" + " in ph) == (p["count"] == 2) for ph, p in zip(phrases, preds))
     # a different config: strict loading names the field; ensure_judge moves the old judge aside
     smoke.judge.width = 12
     with pytest.raises(ckpt.ConfigMismatchError, match=r"judge.width: 8 != 12"):

@@ -8,10 +8,10 @@ notebooks that take a ``data`` parameter (08; the others are about ShapesWorld).
 artifacts folder. The runner stops at the first failure and shows the failing cell, prints a
 table (time, status, key metric), and ends with the line ``N passed, N failed``.
 
-A notebook opens with `opening(...)` (the course map, and how long the notebook took on the
-reference machine) and reports its key metric with `report(...)` in its last cell. The runner
+A notebook opens with `opening(...)` (the course map, and how long the notebook took in a
+recorded course run) and reports its key metric with `report(...)` in its last cell. The runner
 writes every notebook's time to ``<out>/timings.json``; ``data/course_times.json`` is such a file
-from a course run on the reference machine, which `opening` quotes.
+from a course run (on the machine it names), which `opening` quotes.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 from .checkpoint import write_json
 from .config import PRESETS, Preset, get_preset
-from .runtime import seed_everything
+from .runtime import machine_description, seed_everything
 
 SUMMARY_DIR = "course"
-TIMES_FILE = Path(__file__).resolve().parents[1] / "data" / "course_times.json"  # a reference-machine run's timings.json
+TIMES_FILE = Path(__file__).resolve().parents[1] / "data" / "course_times.json"  # a recorded course run's timings.json
 
 
 def setup(preset: str, seed: int, artifacts_dir: str | Path) -> tuple[Preset, str]:
@@ -49,7 +49,8 @@ def measured_time(notebook: str, times_file: str | Path = TIMES_FILE) -> str:
     except (OSError, ValueError, KeyError):
         return f"(no recorded time for {notebook} in {Path(times_file).name})"
     speed = times.get("decoder_images_per_s")
-    return (f"Measured time: {seconds / 60:.1f} minutes at the {times['preset']!r} preset on the machine that recorded it "
+    machine = times.get("machine", "the machine that recorded it")
+    return (f"Measured time: {seconds / 60:.1f} minutes at the {times['preset']!r} preset on {machine} "
             f"({times['date']}" + (f"; that day its course decoder trained at {speed:.0f} images/s" if speed else "")
             + "), with the stages of earlier notebooks already trained.")
 
@@ -75,15 +76,16 @@ def report(artifacts_dir: str | Path, notebook: str, key_metric: str, **metrics)
 
 
 def write_timings(results: list["NotebookResult"], out_dir: str | Path, artifacts_dir: str | Path, preset: str) -> Path:
-    """`<out_dir>/timings.json`: each passed notebook's seconds, the preset, the date and the day's
-    speed (the decoder's training images/s, when its artifact is in `artifacts_dir`)."""
+    """`<out_dir>/timings.json`: each passed notebook's seconds, the preset, the date, the machine and
+    the day's speed (the decoder's training images/s, when its artifact is in `artifacts_dir`)."""
     speed = None
     try:
         speed = json.loads((Path(artifacts_dir) / "decoder" / "metrics.json").read_text())["train"]["samples_per_s"]
     except (OSError, ValueError, KeyError):
         pass
     path = Path(out_dir) / "timings.json"
-    write_json(path, {"preset": preset, "date": time.strftime("%Y-%m-%d"), "decoder_images_per_s": speed,
+    write_json(path, {"preset": preset, "date": time.strftime("%Y-%m-%d"), "machine": machine_description(),
+                      "decoder_images_per_s": speed,
                       "notebooks": {r.name: round(r.seconds, 1) for r in results if r.status == "passed"}})
     return path
 

@@ -225,6 +225,12 @@ def attribute_hits(images: torch.Tensor, attributes: list[dict], judge: TrainedJ
     return hits
 
 
+def readings(judge: TrainedJudge, images: torch.Tensor) -> list[str]:
+    """What the judge reads in each image, as a short phrase: "small red star", two objects joined
+    by " + " (for titles under generated images, beside what the caption asked for)."""
+    return [" + ".join(f"{o['size']} {o['colour']} {o['shape']}" for o in p["objects"]) for p in judge.predict(images)]
+
+
 def caption_hits(images: torch.Tensor, captions: list[str], judge: TrainedJudge) -> dict[str, torch.Tensor]:
     """`attribute_hits` against what each caption names (`shapes.parse_caption`): "joint" is (N,)
     bool, every shape, colour and size the caption names (both objects) read right."""

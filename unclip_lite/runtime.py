@@ -46,6 +46,21 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def machine_description() -> str:
+    """A short description of this machine for timing records: CPU model, the cores torch may use,
+    and whether the CPU has AMX (whose bf16 kernels differ from AVX512-BF16's, so stages train
+    to other weights there)."""
+    model, amx = "unknown CPU", False
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), model)
+        amx = "amx_bf16" in info
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads" + (", AMX" if amx else "")
+
+
 def resolve_precision(precision: str = "auto", device: str | torch.device = "auto") -> str:
     """Return "bf16" or "fp32". `auto` picks bf16 where the hardware runs it natively.
 
