@@ -52,7 +52,7 @@ def measured_time(notebook: str, times_file: str | Path = TIMES_FILE) -> str:
     machine = times.get("machine", "the machine that recorded it")
     return (f"Measured time: {seconds / 60:.1f} minutes at the {times['preset']!r} preset on {machine} "
             f"({times['date']}" + (f"; that day its course decoder trained at {speed:.0f} images/s" if speed else "")
-            + "), with the stages of earlier notebooks already trained.")
+            + "), running the notebooks in order in one course run.")
 
 
 def opening(notebook: str, what: str, times_file: str | Path = TIMES_FILE) -> None:

@@ -231,7 +231,7 @@ MAP_ARROWS = (("caption", "clip_text", ""), ("clip_text", "prior", "z_t"), ("pri
 NOTEBOOK_STAGES = {  # which boxes each notebook is about
     "01": ("world", "judge"), "02": ("clip_text", "clip_image"), "03": ("decoder",), "04": ("prior",),
     "05": ("upsampler", "image"), "06": ("clip_image", "decoder", "prior"), "07": ("judge", "prior", "decoder"),
-    "08": ("world",),
+    "08": ("world", "clip_text", "clip_image", "prior", "decoder", "upsampler"),  # every stage, on your folder
 }
 
 
@@ -273,10 +273,16 @@ def pipeline_map(here=(), title: str | None = None, ax=None):
                                                       shrinkA=0, shrinkB=0))
         if label:
             ax.text(*at, label, ha="left" if xa == xb else "center", fontsize=7.5, style="italic")
+    (xc, yc), (xd, yd) = MAP_BOXES["clip_text"][2:], MAP_BOXES["decoder"][2:]  # the decoder also reads the caption
+    ax.annotate("", (xd - 0.2, yd + h / 2), (xc + 0.2, yc + h / 2),
+                arrowprops=dict(arrowstyle="-|>", color="0.45", lw=1.0, ls="--", shrinkA=0, shrinkB=0,
+                                connectionstyle="bar,fraction=-0.1"))
+    ax.text((xc + xd) / 2, yc + h / 2 + 0.34, "the caption's token states (the decoder reads y too)", ha="center",
+            fontsize=7, style="italic", color="0.3")
     ax.text(-0.55, 1.42, "generating", fontsize=7, color="0.4")
     ax.text(-0.55, 0.42 - 0.02, "training and measuring", fontsize=7, color="0.4")
     ax.set_xlim(-0.6, 7.85)
-    ax.set_ylim(-0.4, 1.5)
+    ax.set_ylim(-0.4, 1.75)
     ax.set_aspect("equal")
     ax.axis("off")
     if title:
