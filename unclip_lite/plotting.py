@@ -241,8 +241,7 @@ def pipeline_map(here=(), title: str | None = None, ax=None):
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyBboxPatch
 
-    keys = NOTEBOOK_STAGES.get(here, ()) if isinstance(here, str) and here in NOTEBOOK_STAGES else (
-        (here,) if isinstance(here, str) else tuple(here))
+    keys = NOTEBOOK_STAGES.get(here, (here,)) if isinstance(here, str) else tuple(here)
     unknown = [k for k in keys if k not in MAP_BOXES]
     if unknown:
         raise ValueError(f"pipeline_map: unknown box {unknown[0]!r}; choose from {sorted(MAP_BOXES)} "

@@ -36,13 +36,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 @lru_cache(maxsize=None)
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+def _cpuinfo() -> str:
+    """/proc/cpuinfo, read once ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = f.read()
+            return f.read()
     except OSError:
-        return False
+        return ""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    flags = _cpuinfo()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
@@ -50,15 +55,10 @@ def machine_description() -> str:
     """A short description of this machine for timing records: CPU model, the cores torch may use,
     and whether the CPU has AMX (whose bf16 kernels differ from AVX512-BF16's, so stages train
     to other weights there)."""
-    model, amx = "unknown CPU", False
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), model)
-        amx = "amx_bf16" in info
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} threads" + (", AMX" if amx else "")
+    info = _cpuinfo()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 "unknown CPU")
+    return f"{model}, {torch.get_num_threads()} threads" + (", AMX" if "amx_bf16" in info else "")
 
 
 def resolve_precision(precision: str = "auto", device: str | torch.device = "auto") -> str:
