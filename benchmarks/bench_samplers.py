@@ -2,7 +2,7 @@
 
     python benchmarks/bench_samplers.py [--artifacts build/artifacts] [--n 64]
 
-Notebook 03 compares the cheap samplers (DDIM 10, 25, 50; DDPM 25, 50) while the decoder is
+Notebook 06 compares the cheap samplers (DDIM 10, 25, 50; DDPM 25, 50) while the decoder is
 measured. This benchmark adds the long ones (DDIM and DDPM at 250 steps) on the same scenes with
 the same starting noise, read by the judge and by the strict geometric reader, so the claim
 "50 DDIM steps read as well as 250" stays checkable without costing every course run minutes.

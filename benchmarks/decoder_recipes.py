@@ -45,7 +45,7 @@ from unclip_lite.checkpoint import load_tensors  # noqa: E402
 from unclip_lite.train import snapshot_path, train  # noqa: E402
 
 OUT = ROOT / "build" / "recipes"
-COLLECTED = ROOT / "data" / "decoder_recipes.json"  # what notebook 03 shows (`--collect` writes it)
+COLLECTED = ROOT / "data" / "decoder_recipes.json"  # what notebook 05 shows (`--collect` writes it)
 
 # Each variant: overrides of the course preset's DecoderConfig (dotted paths), and optionally a
 # rotation spread of the training scenes (a fraction of each shape's symmetry period; 1 = the world's).
@@ -225,7 +225,7 @@ def table() -> None:
 
 
 def collect() -> None:
-    """Gather every result in build/recipes/ into data/decoder_recipes.json (notebook 03 reads it)."""
+    """Gather every result in build/recipes/ into data/decoder_recipes.json (notebook 05 reads it)."""
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     if not runs:
         raise SystemExit(f"no results in {OUT}: run some variants first (see --list)")

@@ -1,4 +1,4 @@
-"""Notebook 06 in a real JupyterLab, driven by headless Chromium: run it, move the interpolation
+"""Notebook 11 in a real JupyterLab, driven by headless Chromium: run it, move the interpolation
 slider, and wait for the explorer to answer.
 
 Needs Debian's `chromium` (found with shutil.which) and Python `playwright` (which drives it; its
@@ -75,7 +75,7 @@ def _accept_kernel_dialog(page, wait_ms: int = 3000) -> None:
 
 @pytest.fixture
 def lab(tmp_path, smoke_artifacts):
-    """JupyterLab on loopback serving a parametrised copy of notebook 06; killed by PID after."""
+    """JupyterLab on loopback serving a parametrised copy of notebook 11; killed by PID after."""
     reason = _missing()
     if reason:
         if os.environ.get("CI", "").lower() == "true":
@@ -91,7 +91,7 @@ def lab(tmp_path, smoke_artifacts):
     token = secrets.token_urlsafe(24)  # fresh per run; XSRF checks stay on
     work = tmp_path / "lab"
     work.mkdir()
-    pm.execute_notebook(str(ROOT / "notebooks" / "06_manipulations.ipynb"), str(work / "06.ipynb"), prepare_only=True,
+    pm.execute_notebook(str(ROOT / "notebooks" / "11_edits_interpolations.ipynb"), str(work / "11.ipynb"), prepare_only=True,
                         parameters={"preset": "smoke", "artifacts_dir": str(smoke_artifacts),
                                     "progress": False})
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={PORT}",
@@ -108,7 +108,7 @@ def lab(tmp_path, smoke_artifacts):
                             env={**os.environ, "JUPYTER_CONFIG_DIR": str(config_dir)})
     try:
         _wait_for_server(f"http://127.0.0.1:{PORT}/api/status?token={token}", proc)
-        yield f"http://127.0.0.1:{PORT}/lab/tree/06.ipynb?token={token}"
+        yield f"http://127.0.0.1:{PORT}/lab/tree/11.ipynb?token={token}"
     finally:  # the server and its kernels share the session started for it: kill them by its PID
         try:
             os.killpg(proc.pid, signal.SIGTERM)
@@ -119,7 +119,7 @@ def lab(tmp_path, smoke_artifacts):
         assert proc.poll() is not None
 
 
-def test_notebook_06_slider_answers_in_jupyterlab(lab):
+def test_notebook_11_slider_answers_in_jupyterlab(lab):
     from playwright.sync_api import expect, sync_playwright
 
     SHOT_DIR.mkdir(parents=True, exist_ok=True)
@@ -154,11 +154,11 @@ def test_notebook_06_slider_answers_in_jupyterlab(lab):
             text = status.inner_text()
             assert re.search(r"θ = 0\.65 · x_T fixed · \d+\.\d+ s", text), text
             status.scroll_into_view_if_needed()
-            page.screenshot(path=str(SHOT_DIR / "06_manipulations.png"), full_page=False)
+            page.screenshot(path=str(SHOT_DIR / "11_edits_interpolations.png"), full_page=False)
         except Exception:
             if page is not None:
                 page.screenshot(path=str(SHOT_DIR / "failure.png"), full_page=False)  # what the browser showed
             raise
         finally:
             browser.close()
-    assert (SHOT_DIR / "06_manipulations.png").stat().st_size > 10_000
+    assert (SHOT_DIR / "11_edits_interpolations.png").stat().st_size > 10_000

@@ -1,4 +1,4 @@
-"""The comparison helpers behind notebook 07, on a judge that reads what it is told (so the
+"""The comparison helpers behind notebook 12, on a judge that reads what it is told (so the
 plumbing is tested exactly) and on the smoke pipeline (shapes and determinism)."""
 import math
 

@@ -84,6 +84,15 @@ def test_every_notebook_opens_with_the_map_and_closes_with_what_comes_next():
         assert any(f'opening("{name}"' in src for src in code[:3]), f"{path.name}: no opening(...) cell near the top"
         last = "".join(cells[-1]["source"])
         assert cells[-1]["cell_type"] == "markdown" and last.startswith(("**Next", "**The end of the course")), f"{path.name}: last cell {last[:60]!r}"
+        if number >= "02":  # an exercise in every notebook from 02 on
+            assert any(c["cell_type"] == "markdown" and "".join(c["source"]).startswith("**Try this.**") for c in cells), \
+                f"{path.name}: no **Try this.** cell"
+
+
+def test_the_readme_table_lists_every_notebook_in_order():
+    readme = (ROOT / "README.md").read_text()
+    rows = [line.split("`")[1] for line in readme.splitlines() if line.startswith("| `") and ".ipynb` |" in line]
+    assert rows == [p.name for p in discover(ROOT / "notebooks")]
 
 
 def test_the_map_highlights_a_notebooks_boxes_and_names_an_unknown_one():

@@ -78,7 +78,7 @@ def test_manipulations_shapes_and_determinism(pipe):
 
 
 def test_one_decode_path_one_seed_convention(pipe):
-    """The pipeline, the decoder's split helper, notebook 07's decode_z and the manipulations all
+    """The pipeline, the decoder's split helper, notebook 12's decode_z and the manipulations all
     decode through TrainedDecoder.decode: for one seed, the same x_T and the same images."""
     from unclip_lite.clip import no_caption
     from unclip_lite.decoder import decode_split

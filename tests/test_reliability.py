@@ -136,7 +136,7 @@ def test_a_kill_during_a_stage_save_or_a_cache_write_then_a_rerun_gives_the_unin
 
 @pytest.mark.slow
 def test_a_kill_during_the_snapshot_write_keeps_the_snapshot_after_the_rerun(tmp_path, smoke_artifacts):
-    """Notebook 07 compares the decoder with its own snapshot at baseline_steps: a kill while that
+    """Notebook 12 compares the decoder with its own snapshot at baseline_steps: a kill while that
     snapshot is written must not lose it (the snapshot is written before the checkpoint)."""
     import shutil
     from unclip_lite.config import get_preset
@@ -156,10 +156,10 @@ def test_a_kill_during_the_snapshot_write_keeps_the_snapshot_after_the_rerun(tmp
 
 @pytest.mark.slow
 def test_a_notebook_killed_mid_training_then_rerun_passes(tmp_path):
-    """The course runner (and the kernel under it) killed while notebook 01 trains the judge; the
+    """The course runner (and the kernel under it) killed while notebook 02 trains the judge; the
     same command again resumes the judge from its checkpoint and the notebook passes."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "unclip_lite", "course", "--preset", "smoke", "--only", "01",
+    cmd = [sys.executable, "-m", "unclip_lite", "course", "--preset", "smoke", "--only", "02",
            "--artifacts", str(tmp_path / "a"), "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = tmp_path / "a" / "judge" / "train_state.safetensors"

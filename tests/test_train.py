@@ -178,7 +178,7 @@ def test_precision_choice():
 
 def test_stop_after_trains_the_start_of_the_schedule_and_snapshots_match_it(tmp_path):
     """A run stopped after k steps of an n-step schedule holds the weights that the full run's
-    snapshot at step k holds: the matched-compute comparison of notebook 07 relies on this."""
+    snapshot at step k holds: the matched-compute comparison of notebook 12 relies on this."""
     from unclip_lite.train import snapshot_path
     cfg = TrainConfig(steps=30, batch_size=32, lr=1e-2, warmup_steps=5, log_every=5, ema_decay=0.9,
                       precision="fp32", checkpoint_every=0)

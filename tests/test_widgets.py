@@ -112,3 +112,23 @@ def test_text_diff_shows_the_source_at_the_output_size(smoke_pipe):
     ex.upsample.value = True
     assert ex.images.shape == (2, 3, 64, 64)
     assert torch.allclose(ex.images[0], image.float() / 127.5 - 1)  # the 64 px source itself, not a 32 px round trip
+
+
+def test_a_saved_explorer_shows_a_picture_of_its_state_not_the_widget_repr(smoke_pipe):
+    """A notebook read without a kernel falls back from the widget to image/png, then text/plain:
+    the explorer offers both, drawn from the state it is in."""
+    import base64
+
+    from unclip_lite.widgets import InterpolationExplorer, to_png
+
+    a, b = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    ex = InterpolationExplorer(smoke_pipe, a, b, theta=0.25, steps=STEPS, names=("a red circle", "a blue star"))
+    bundle = ex._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle  # the live widget, for a kernel
+    assert base64.b64decode(bundle["image/png"]) == to_png(ex.images, ex.scale)  # A, the image at θ, B
+    assert "VBox" not in bundle["text/plain"] and "θ = 0.25" in bundle["text/plain"]
+    assert "'a red circle'" in bundle["text/plain"] and "'a blue star'" in bundle["text/plain"]
+    ex.theta.value = 0.75  # the picture follows the sliders
+    assert base64.b64decode(ex._repr_mimebundle_()["image/png"]) == to_png(ex.images, ex.scale)
+    with pytest.raises(ValueError, match="names must be two strings"):
+        InterpolationExplorer(smoke_pipe, a, b, steps=STEPS, names=("only one",))

@@ -2,7 +2,7 @@
 
 Presets:
 - ``smoke``: the unit tests; every stage trains in seconds and means nothing.
-- ``mini``: notebook 08's default on a caption folder of a few thousand images: the whole
+- ``mini``: notebook 13's default on a caption folder of a few thousand images: the whole
   cascade in a few minutes on a 2-core CPU, small enough to learn colours and outlines of icons.
 - ``course``: the notebook defaults; minutes on a 2-core CPU.
 - ``gpu``: one GPU; larger models, more data and steps.
@@ -136,7 +136,7 @@ class DecoderConfig:
     compare_steps: tuple[int, ...] = (10, 25, 50)  # DDIM step counts compared in the metrics (DDPM: the largest two); 250 steps: benchmarks/bench_samplers.py
     n_compare: int = 64  # val scenes in that sampler comparison
     # the caption-only baseline trains the first baseline_steps steps of this schedule, and the unCLIP decoder keeps
-    # its weights at that step: notebook 07 compares the two at matched training compute
+    # its weights at that step: notebook 12 compares the two at matched training compute
     baseline_steps: int = 1000
     train: TrainConfig = field(  # the training loop: about 6 minutes on 2 cores at the course preset (budget 8)
         default_factory=lambda: TrainConfig(steps=2200, batch_size=32, lr=2e-3, warmup_steps=100,
@@ -208,7 +208,7 @@ class ARPriorConfig(PriorShared):
     """The autoregressive prior: a causal Transformer over quantised PCA coefficients of z_i (prior.py)."""
 
     variance_kept: float = 0.99  # PCA keeps the fewest components explaining at least this share of z_i's variance
-    buckets: int = 32  # levels per PCA coefficient, uniform over its training range (the paper: 1024); see notebook 04
+    buckets: int = 32  # levels per PCA coefficient, uniform over its training range (the paper: 1024); see notebook 07
     dot_buckets: int = 16  # quantisation levels of z_i . z_t, equal-mass over the training distribution
     top_half: bool = True  # at sampling, draw the z_i . z_t token from the top half of its predicted distribution
     best_of: int = 1  # draw this many z_i per caption and keep the highest z_i . z_t (the paper: none for AR)

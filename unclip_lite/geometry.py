@@ -205,7 +205,7 @@ def strict_accuracy(images: torch.Tensor, attributes: list[dict], n_angles: int 
 
 # ---------------------------------------------------------------------------------------------
 # Rotation and position of samples (how much a group of samples varies), by the same analysis by
-# synthesis with a simpler colour mask: notebook 06 and 07 measure spreads with it
+# synthesis with a simpler colour mask: notebooks 10 and 12 measure spreads with it
 
 
 def gaussian_colour_mask(image: torch.Tensor, colour: str, sigma: float = 40.0, floor: float = 0.1) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Icons: a caption folder the project draws itself, so that notebook 08 has data that is not ShapesWorld.
+"""Icons: a caption folder the project draws itself, so that notebook 13 has data that is not ShapesWorld.
 
     make_icon_folder("build/icons", n=3000)   # 64 px PNGs + captions.jsonl, in a few seconds
 

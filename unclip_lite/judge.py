@@ -356,7 +356,7 @@ def ensure_judge(artifacts_dir: str | Path, preset: Preset, retrain: bool = Fals
 
 
 # ---------------------------------------------------------------------------------------------
-# The paper's comparisons (notebook 07). Every number is the judge's reading of generated images;
+# The paper's comparisons (notebook 12). Every number is the judge's reading of generated images;
 # each comes with per-caption (or per-image) values so that intervals can be bootstrapped, and a
 # difference between two systems is always paired: the same captions, the same seeds.
 

@@ -124,6 +124,6 @@ def text_diff(pipe, z: torch.Tensor, x_t: torch.Tensor, from_caption: str, to_ca
 
 
 # ---------------------------------------------------------------------------------------------
-# Measurements (notebook 06): every one is read by the judge, never by the decoder
+# Measurements (notebooks 10 and 11): every one is read by the judge, never by the decoder
 
 

@@ -152,7 +152,7 @@ def interval(ci, percent: bool) -> str:
 
 
 def claims_table(rows: list[dict]) -> str:
-    """Notebook 07's results as text: one line per claim row (`studies.claims.claim_row`)."""
+    """Notebook 12's results as text: one line per claim row (`studies.claims.claim_row`)."""
     lines = [f"{'claim':38} {'split':8} {'measure':38} {'A':>24} {'B':>24} {'A - B':>26}  paper's direction"]
     for row in rows:
         pct = row["measure"] in PERCENT_MEASURES
@@ -215,23 +215,25 @@ def interval_bars(intervals, labels: list[str], title: str = "", ax=None, fontsi
 # row). Each box names the notebook that builds it; `pipeline_map(here=...)` highlights the current ones.
 MAP_BOXES = {  # key: (label, notebook, x, y)
     "caption": ("caption y\n\"a small red star\"", None, 0.0, 1.0),
-    "clip_text": ("CLIP text\nencoder", "02", 1.45, 1.0),
-    "prior": ("prior\nP(z_i | y)", "04", 2.9, 1.0),
-    "decoder": ("decoder\nP(x | z_i, y)\n32 px", "03", 4.35, 1.0),
-    "upsampler": ("upsampler\n32 → 64 px", "05", 5.8, 1.0),
+    "clip_text": ("CLIP text\nencoder", "03 · 04", 1.45, 1.0),
+    "prior": ("prior\nP(z_i | y)", "07", 2.9, 1.0),
+    "decoder": ("decoder\nP(x | z_i, y)\n32 px", "05 · 06", 4.35, 1.0),
+    "upsampler": ("upsampler\n32 → 64 px", "08", 5.8, 1.0),
     "image": ("image x\n64 px", None, 7.25, 1.0),
-    "world": ("ShapesWorld\nor your folder\n(image, caption)", "01 · 08", 0.0, 0.0),
-    "clip_image": ("CLIP image\nencoder", "02", 2.9, 0.0),
-    "judge": ("judge: reads\nshape, colour, ...", "01", 7.25, 0.0),
+    "world": ("ShapesWorld\nor your folder\n(image, caption)", "01 · 13", 0.0, 0.0),
+    "clip_image": ("CLIP image\nencoder", "03 · 04", 2.9, 0.0),
+    "judge": ("judge: reads\nshape, colour, ...", "02", 7.25, 0.0),
 }
 MAP_ARROWS = (("caption", "clip_text", ""), ("clip_text", "prior", "z_t"), ("prior", "decoder", "z_i"),
               ("decoder", "upsampler", ""), ("upsampler", "image", ""), ("world", "clip_image", "x"),
               ("clip_image", "prior", "z_i: the prior's target"),
               ("clip_image", "decoder", "true z_i"), ("image", "judge", ""))
 NOTEBOOK_STAGES = {  # which boxes each notebook is about
-    "01": ("world", "judge"), "02": ("clip_text", "clip_image"), "03": ("decoder",), "04": ("prior",),
-    "05": ("upsampler", "image"), "06": ("clip_image", "decoder", "prior"), "07": ("judge", "prior", "decoder"),
-    "08": ("world", "clip_text", "clip_image", "prior", "decoder", "upsampler"),  # every stage, on your folder
+    "01": ("world",), "02": ("judge",), "03": ("clip_text", "clip_image"), "04": ("clip_text", "clip_image"),
+    "05": ("decoder",), "06": ("decoder",), "07": ("prior",), "08": ("upsampler",),
+    "09": ("caption", "clip_text", "prior", "decoder", "upsampler", "image"),  # the whole generation path
+    "10": ("clip_image", "decoder"), "11": ("clip_text", "clip_image", "decoder"), "12": ("judge", "prior", "decoder"),
+    "13": ("world", "clip_text", "clip_image", "prior", "decoder", "upsampler"),  # every stage, on your folder
 }
 
 
@@ -257,7 +259,7 @@ def pipeline_map(here=(), title: str | None = None, ax=None):
         ax.text(x, y + (0.05 if nb else 0), label, ha="center", va="center", fontsize=8,
                 color="black" if on or not keys else "0.35", fontweight="bold" if on else "normal")
         if nb:
-            ax.text(x, y - h / 2 + 0.07, f"notebook {nb}", ha="center", va="center", fontsize=6.5, color="0.3")
+            ax.text(x, y - h / 2 + 0.07, f"notebook{'s' if '·' in nb else ''} {nb}", ha="center", va="center", fontsize=6.5, color="0.3")
     for a, b, label in MAP_ARROWS:
         (xa, ya), (xb, yb) = MAP_BOXES[a][2:], MAP_BOXES[b][2:]
         if ya == yb:  # along a row

@@ -393,6 +393,6 @@ def ensure_prior(artifacts_dir: str | Path, preset: Preset, clip: ClipModel, kin
 
 
 # ---------------------------------------------------------------------------------------------
-# The comparison (notebook 04)
+# The comparison (notebook 07)
 
 

@@ -1,7 +1,7 @@
 """The two prior networks: from a caption to a CLIP image embedding z_i (paper §2.2).
 
 CLIP's text embedding z_t is not a stand-in for z_i: the two modalities sit in separate cones of
-the sphere (notebook 02's modality gap). The decoder was trained on z_i, so a caption must first
+the sphere (notebook 04's modality gap). The decoder was trained on z_i, so a caption must first
 be mapped to a plausible z_i. The paper builds two priors, and so does this module; both are
 causal Transformers built from the one `transformer.CausalTransformer`; `prior.py` trains them.
 

@@ -1,4 +1,4 @@
-"""ipywidgets explorers for the manipulations of `manipulate.py` (notebook 06).
+"""ipywidgets explorers for the manipulations of `manipulate.py` (notebooks 09 and 11).
 
 Each explorer is a plain object with a `widget` (what the notebook displays), an `image` output, a
 `status` label and an `update()` method that does the work; the sliders only call `update()`.
@@ -11,10 +11,16 @@ upsampler, when ticked; the guidance explorer also re-encodes its caption's toke
 millisecond). `explorer.calls` counts the expensive calls, so the caching is testable.
 
     from unclip_lite.widgets import InterpolationExplorer
-    InterpolationExplorer(pipe, "a red circle", "a blue star").widget   # in a notebook cell
+    InterpolationExplorer(pipe, "a red circle", "a blue star")   # alone at the end of a notebook cell
+
+Displayed, an explorer offers the live widget and, beside it, a PNG of its current strip and its
+status as text: JupyterLab shows the widget, while a saved notebook read without a kernel
+(GitHub, nbviewer, `jupyter nbconvert`) shows the picture of the state it was left in, not
+`VBox(children=...)`.
 """
 from __future__ import annotations
 
+import base64
 import html
 import io
 import time
@@ -86,9 +92,18 @@ class Explorer:
     def _layout(self, *controls) -> W.VBox:
         return W.VBox([*controls, self.upsample, self.image, self.status])
 
-    def _ipython_display_(self):  # `explorer` alone in a cell shows its widget
-        from IPython.display import display
-        display(self.widget)
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        """The widget for a live kernel, plus a static picture for a saved notebook (see the module doc)."""
+        bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
+        if self.images is not None:
+            bundle["image/png"] = base64.b64encode(to_png(self.images, self.scale)).decode("ascii")
+        state = f"error: {self.error}" if self.error else self.status.value
+        bundle["text/plain"] = f"{type(self).__name__} ({self.caption_line()}): {state}"
+        return bundle
+
+    def caption_line(self) -> str:
+        """What the strip shows, left to right, in words (the static picture's caption)."""
+        return "the strip"
 
     def _decode(self, z: torch.Tensor, x_t: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
         """The one thing a slider move runs: the decoder (deterministic, eta = 0), then the upsampler."""
@@ -142,22 +157,26 @@ class InterpolationExplorer(Explorer):
     `pipe.generate` draws for it (that one also sees the caption, at guidance 3). In mode "fixed"
     every θ decodes from endpoint A's x_T; in mode "inverted" x_T is slerped between A's and B's
     too, so θ = 0 and θ = 1 give back the two endpoints.
-    The strip shows A, the image at θ, and B.
+    The strip shows A, the image at θ, and B. `names` labels image endpoints in the header (a
+    caption endpoint is labelled by its caption).
     """
 
     name = "interpolation"
 
     def __init__(self, pipe, a, b, theta: float = 0.5, mode: str = "fixed", prior: str = "diffusion",
-                 seed: int = 0, steps: int | None = None, upsample: bool = False, scale: int = 4):
+                 seed: int = 0, steps: int | None = None, upsample: bool = False, scale: int = 4,
+                 names: tuple[str, str] = ("image A", "image B")):
         super().__init__(pipe, steps, upsample, scale)
         check_arg("theta", theta, none_ok=False)
         check_seed(seed)
+        if len(names) != 2 or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"names must be two strings (one per endpoint), got {names!r}")
         if mode not in ("fixed", "inverted"):
             raise ValueError(f"mode must be 'fixed' or 'inverted', got {mode!r}")
         self.prior, self.seed = prior, seed
         self.z_a, self.x_a = self._latents(a, seed)
         self.z_b, self.x_b = self._latents(b, seed + 1)
-        self.labels = [a if isinstance(a, str) else "image A", b if isinstance(b, str) else "image B"]
+        self.labels = [x if isinstance(x, str) else name for x, name in zip((a, b), names)]
         self._ends: dict[bool, torch.Tensor] = {}  # upsample flag -> decoded endpoints (A, B)
         self.theta = _slider("θ", theta, 0.0, 1.0, 0.05, "unclip-interpolation-theta")
         self.mode = W.ToggleButtons(options=["fixed", "inverted"], value=mode, description="x_T")
@@ -200,6 +219,9 @@ class InterpolationExplorer(Explorer):
     def describe(self) -> str:
         return f"θ = {self.theta.value:.2f} · x_T {self.mode.value}"
 
+    def caption_line(self) -> str:
+        return f"A = {self.labels[0]!r}, the image at θ, B = {self.labels[1]!r}"
+
 
 class TextDiffExplorer(Explorer):
     """Edit an image by a text diff (paper §3.3): z = slerp(z_i, norm(z_t − z_t0), θ), x_T fixed
@@ -237,6 +259,9 @@ class TextDiffExplorer(Explorer):
 
     def describe(self) -> str:
         return f"θ = {self.theta.value:.2f} · {self.from_caption.value!r} → {self.to_caption.value!r}"
+
+    def caption_line(self) -> str:
+        return "the source image, then its edit at θ"
 
 
 class GuidanceExplorer(Explorer):
@@ -299,3 +324,6 @@ class GuidanceExplorer(Explorer):
         prior = ("AR prior" if self.prior.value == "ar" else
                  f"diffusion prior, guidance {self.prior_guidance_scale.value:.1f}")
         return f"decoder guidance {self.decoder_guidance_scale.value:.1f} · {prior} · seed {self.seed.value}"
+
+    def caption_line(self) -> str:
+        return f"{self.n} samples of {self.caption.value!r}"

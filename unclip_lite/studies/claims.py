@@ -1,4 +1,4 @@
-"""The paper's comparisons (notebook 07). Every number is the judge's reading of generated images;
+"""The paper's comparisons (notebook 12). Every number is the judge's reading of generated images;
 each comes with per-caption (or per-image) values so that intervals can be bootstrapped, and a
 difference between two systems is always paired: the same captions, the same seeds."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""What CLIP's embeddings keep (notebook 02): linear probes of the attributes captions name and of
+"""What CLIP's embeddings keep (notebook 04): linear probes of the attributes captions name and of
 the details they leave out, the modality gap's axis, and how close embeddings that share a
 description sit within and across the two modalities."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The latent manipulations of `manipulate`, measured (notebook 06): how well inversion
+"""The latent manipulations of `manipulate`, measured (notebooks 10 and 11): how well inversion
 reconstructs, what variations keep and re-draw, whether a text diff changes one attribute and
 keeps the rest, and how interpolations travel. Each study calls the operations users call."""
 from __future__ import annotations

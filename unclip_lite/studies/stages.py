@@ -1,5 +1,5 @@
 """Comparisons of the stages, beyond each stage's own metrics: the two priors side by side
-(notebook 04) and the whole cascade read by the judge and the strict reader (notebook 05)."""
+(notebook 07) and the whole cascade read by the judge and the strict reader (notebook 09)."""
 from __future__ import annotations
 
 import torch
