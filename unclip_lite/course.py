@@ -4,7 +4,7 @@
 
 Every notebook gets the same parameters (``preset``, ``artifacts_dir``, ``progress=False``) and
 writes its executed copy to ``build/executed/``; ``--data DIR`` (a caption folder) goes to the
-notebooks that take a ``data`` parameter (08; the others are about ShapesWorld). Notebooks share results only through the
+notebooks that take a ``data`` parameter (13; the others are about ShapesWorld). Notebooks share results only through the
 artifacts folder. The runner stops at the first failure and shows the failing cell, prints a
 table (time, status, key metric), and ends with the line ``N passed, N failed``.
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", default="build/artifacts", help="the shared artifacts folder")
     parser.add_argument("--only", nargs="*", help="run only notebooks whose names start with these")
     parser.add_argument("--data", default=None, metavar="DIR",
-                        help="a caption folder for the notebooks that take one (08: your own images)")
+                        help="a caption folder for the notebooks that take one (13: your own images)")
     args = parser.parse_args(argv)
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; choose one of {sorted(PRESETS)}")

@@ -1,6 +1,8 @@
 """Figures for the notebooks: image grids, sample tables and curves (matplotlib)."""
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 
@@ -18,25 +20,48 @@ def _as_uint8(images) -> np.ndarray:
     return x if x.shape[-1] == 3 else x.transpose(0, 2, 3, 1)
 
 
+def _wrap(text: str, width: int, max_lines: int = 4) -> str:
+    """`text` wrapped to `width` characters per line, its own line breaks kept, at most `max_lines`."""
+    lines = [w for line in text.split("\n") for w in (textwrap.wrap(line, width) or [""])]
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [lines[max_lines - 1][:width - 1] + "…"]
+    return "\n".join(lines)
+
+
 def image_grid(images, titles: list[str] | None = None, ncols: int = 8, scale: float = 1.6,
-               title: str | None = None, fontsize: int = 7):
-    """Show images in a grid with optional per-image titles; returns the figure."""
+               title: str | None = None, fontsize: int = 7, row_labels: list[str] | None = None,
+               title_colors: list | None = None):
+    """Show images in a grid; returns the figure.
+
+    `titles`: one per image, wrapped to the panel's width (never cut mid-word, at most four lines;
+    the row height grows to fit). `row_labels`: one per row, written sideways left of the row, for
+    grids whose rows mean something (real / decoded, a guidance scale, a system). `title_colors`:
+    one colour per title (e.g. green where the judge reads the image right, red where it does not).
+    """
     import matplotlib.pyplot as plt
 
     imgs = _as_uint8(images)
     n = len(imgs)
     ncols = min(ncols, n)
     nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale, nrows * scale * (1.25 if titles else 1)),
+    chars = max(8, int(scale * 72 / (0.58 * fontsize)))  # characters of this size that fit a panel's width
+    wrapped = [_wrap(str(t), chars) for t in titles] if titles else None
+    lines = max(t.count("\n") + 1 for t in wrapped) if wrapped else 0
+    title_h = lines * fontsize * 1.4 / 72 + (0.08 if wrapped else 0)  # inches of title above each row
+    label_w = (fontsize + 6) / 72 * 1.6 if row_labels else 0
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * scale + label_w, nrows * (scale + title_h) + (0.35 if title else 0)),
                              squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for i, ax in enumerate(axes.flat[:n]):
         ax.imshow(imgs[i], interpolation="nearest")
-        if titles:
-            ax.set_title(titles[i], fontsize=fontsize, wrap=True)
+        if wrapped:
+            ax.set_title(wrapped[i], fontsize=fontsize, color=title_colors[i] if title_colors else "black")
+    for r, label in enumerate(row_labels or []):
+        axes[r, 0].text(-0.06, 0.5, label, transform=axes[r, 0].transAxes, rotation=90, ha="right", va="center",
+                        fontsize=fontsize + 1)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_wrap(title, max(20, int((ncols * scale + label_w) * 72 / (0.58 * 11))), 3), fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -96,19 +121,31 @@ def learning_curves(runs: list[dict], keys=(("judge_shape", "judge"), ("strict_s
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
+    from .stats import proportion_ci
+
     cmap = plt.get_cmap("tab10")
+    top = 0.0
     for k, run in enumerate(runs):
         x = [p["cpu_minutes"] for p in run["curve"]]
-        for (key, label), style in zip(keys, ("-o", "--s")):
+        for (key, _), style in zip(keys, ("-o", "--s")):
             y = [p[key] for p in run["curve"]]
-            ax.plot(x, y, style, color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, markersize=3,
-                    label=f"{run['variant']} ({label})")
+            top = max(top, *y)
+            ax.plot(x, y, style, color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, markersize=3)
+        n = run.get("final", {}).get("n")
+        if n:  # the last point's 95% interval: how far apart two recipes must end to differ
+            _, lo, hi = proportion_ci(run["curve"][-1][keys[0][0]], n)
+            ax.errorbar([x[-1]], [run["curve"][-1][keys[0][0]]], yerr=[[run["curve"][-1][keys[0][0]] - lo], [hi - run["curve"][-1][keys[0][0]]]],
+                        color=cmap(k % 10), capsize=3, lw=1)
+            top = max(top, hi)
+        ax.plot([], [], "-", color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, label=run["variant"])
+    for (_, label), style in zip(keys, ("-o", "--s")):
+        ax.plot([], [], style, color="0.3", markersize=3, label=label)
     ax.axhline(1 / 6, color="0.5", lw=0.8, ls=":", label="chance (6 shapes)")
     ax.set_xlabel("training time (CPU minutes on the day measured)")
     ax.set_ylabel("decoded val z_i: shape accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, top + 0.1))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+    ax.legend(fontsize=7, ncol=2, title="colour: recipe; line: reader (bar: 95% interval)", title_fontsize=7)
     return ax
 
 
@@ -129,7 +166,10 @@ def shape_vs_images(runs: list[dict], points: dict[str, tuple[int, float, float]
         ax.plot([images], [judge], "o", color=colour, label=f"{name}: judge")
         ax.plot([images], [strict], "s", color=colour, mfc="none", label=f"{name}: strict reading")
     ax.plot([], [], "-", color="0.6", label="recipe runs (grey): judge solid, strict dashed")
+    ax.axhline(1 / 6, color="0.5", lw=0.8, ls=":", label="chance (6 shapes)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # only the powers of ten are labelled
+    ax.margins(x=0.08)
     ax.set_xlabel("training images seen")
     ax.set_ylabel("decoded val z_i: shape accuracy")
     ax.set_ylim(0, 1)
@@ -169,32 +209,52 @@ def guidance_sweep_figure(sweep: dict[str, list[dict]], scales: list[float]):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
     for name, reports in sweep.items():
         for ax, key, label in zip(axes, ("fidelity", "diversity_feature", "frechet"),
-                                  ("fidelity (joint)", "diversity (judge features)", "Fréchet distance (16-dim)")):
+                                  ("fidelity (joint): higher is better", "diversity (judge features): higher is more varied",
+                                   "Fréchet distance (16-dim): lower is closer to real")):
             cis = [r[key] if key == "frechet" else summarise(r[key]) for r in reports]
-            ax.plot(scales, [c[0] for c in cis], marker="o", label=name)
-            ax.fill_between(scales, [c[1] for c in cis], [c[2] for c in cis], alpha=0.2)
+            line, = ax.plot(scales, [c[0] for c in cis], marker="o", label=name)
+            ax.fill_between(scales, [c[1] for c in cis], [c[2] for c in cis], color=line.get_color(), alpha=0.2)
             ax.set_xlabel("decoder guidance scale")
             ax.set_title(label)
             ax.grid(alpha=0.3)
+    axes[0].set_ylabel("mean over captions (band: 95% interval)")
     axes[0].legend()
+    fig.tight_layout()
     return fig
 
 
-def pca_probe_figure(probe: dict, attributes=("background", "colour", "size", "shape", "count")):
-    """The judge's accuracy on decodes of z_i truncated to its first k principal components, with the
-    variance those k explain, and shape's accuracy with every component as a reference line."""
+def pca_probe_figure(probe: dict, chance: dict, level: float = 0.9,
+                     attributes=("background", "colour", "size", "shape")):
+    """`studies.claims.pca_probe` in two panels, against the principal components kept (log scale).
+    Left: the judge's accuracy per attribute, its chance level dotted in the same colour. Right: how
+    far each attribute has come from chance toward its accuracy with every component, the line at
+    `level` marking "arrived" (`components_needed`), with the share of variance the components
+    explain in black. `chance`: {attribute: accuracy of a uniform guess}."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    for attr in attributes:
-        ax.plot(probe["ks"], [a.get(attr, float("nan")) for a in probe["accuracy"]], "-o", label=attr)
-    ax.plot(probe["ks"], probe["explained"], "k:", label="variance explained")
-    ax.axhline(probe["full"]["shape"], color="C3", lw=0.8, ls="--", label="shape, every component")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("principal components kept")
-    ax.set_ylabel("judge accuracy (no caption) / variance explained")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
+    for i, attr in enumerate(attributes):
+        colour = f"C{i}"
+        acc = [a.get(attr, float("nan")) for a in probe["accuracy"]]
+        left.plot(probe["ks"], acc, "-o", color=colour, label=attr)
+        left.axhline(chance[attr], color=colour, ls=":", lw=1)
+        full = probe["full"].get(attr, float("nan"))
+        span = full - chance[attr]  # no better than chance with every component: no way to come (drawn empty)
+        right.plot(probe["ks"], [(x - chance[attr]) / span if span > 0 else float("nan") for x in acc], "-o", color=colour,
+                   label=attr)
+    right.plot(probe["ks"], probe["explained"], "k--", label="variance explained")
+    right.axhline(level, color="0.4", lw=1)
+    right.text(probe["ks"][0], level + 0.02, f"{level:.0%} of the way: arrived", fontsize=8, color="0.3")
+    left.set_title("judge accuracy on decodes (dotted: chance)")
+    left.set_ylabel("accuracy")
+    right.set_title("from chance (0) to every component (1)")
+    right.set_ylabel("share of the way / of the variance")
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("principal components of z_i kept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 

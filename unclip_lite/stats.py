@@ -39,6 +39,17 @@ def summarise(values) -> tuple[float, float, float]:
     return bootstrap_ci(x) if len(x) else (float("nan"),) * 3
 
 
+def proportion_ci(rate: float, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """A share `rate` of `n` yes/no outcomes with its Wilson 95% interval (rate, low, high): the
+    interval for the small counts of a figure's points (8 pairs, 32 scenes), where a bootstrap of
+    so few 0/1 values is coarse and an interval of ±1.96 standard errors can leave [0, 1]."""
+    if n <= 0:
+        return float(rate), float("nan"), float("nan")
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return float(rate), float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
 MIN_PAIRS = 10  # fewer pairs than this and a bootstrap interval means nothing: no verdict
 
 
@@ -133,16 +144,22 @@ def frechet_in_basis(feats: torch.Tensor, real: torch.Tensor, basis: tuple[torch
 
 def frechet_ci(feats: torch.Tensor, real: torch.Tensor, basis, n_boot: int = 200, seed: int = 0,
                k: int = 1) -> tuple[float, float, float]:
-    """`frechet_in_basis` with a bootstrap 95% band, resampling groups of k rows (one caption's
-    samples) together. The plug-in distance is biased upward at small n and a resample's
-    duplicates add to it, so the point can sit below the band: compare systems with
-    `paired_frechet`, not with these bands."""
+    """`frechet_in_basis` with a bias-corrected bootstrap 95% band, resampling groups of k rows (one
+    caption's samples) together: (distance, low, high).
+
+    The plug-in distance is biased upward at small n, and a resample's duplicates add to the bias
+    again, so the resamples' own percentiles sit above the point (often entirely). The band is
+    their spread shifted by the bootstrap's estimate of that bias (the resamples' mean minus the
+    point), so it is centred on the point. To compare two systems use `paired_frechet`, where the
+    bias cancels."""
     rng = np.random.default_rng(seed)
     groups = len(feats) // k
     boots = [frechet_in_basis(feats[torch.from_numpy((rng.integers(0, groups, groups)[:, None] * k + np.arange(k)).ravel())],
                               real, basis) for _ in range(n_boot)]
-    low, high = np.percentile(boots, [2.5, 97.5])
-    return frechet_in_basis(feats, real, basis), float(low), float(high)
+    point = frechet_in_basis(feats, real, basis)
+    bias = float(np.mean(boots)) - point
+    low, high = np.percentile(boots, [2.5, 97.5]) - bias
+    return point, float(max(0.0, low)), float(high)
 
 
 def paired_frechet(plus: list[torch.Tensor], minus: list[torch.Tensor], real: torch.Tensor, basis, k: int,
