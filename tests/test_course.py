@@ -71,6 +71,10 @@ def test_every_notebook_runs_at_the_smoke_preset(tmp_path):
     out = io.StringIO()
     results = run_course(ROOT / "notebooks", tmp_path / "executed", tmp_path / "artifacts", preset="smoke", stream=out)
     assert [r.status for r in results] == ["passed"] * len(results), out.getvalue()[-3000:]
+    for path in sorted((tmp_path / "executed").glob("*.ipynb")):  # the map shows under the opening cell, not later
+        cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+        first = next(c for c in cells if "opening(" in "".join(c["source"]))
+        assert any("image/png" in o.get("data", {}) for o in first["outputs"]), f"{path.name}: no map under opening()"
 
 
 def test_every_notebook_opens_with_the_map_and_closes_with_what_comes_next():

@@ -58,12 +58,18 @@ def measured_time(notebook: str, times_file: str | Path = TIMES_FILE) -> str:
 def opening(notebook: str, what: str, times_file: str | Path = TIMES_FILE) -> None:
     """The first cell of every notebook: the course map with this notebook's boxes highlighted
     (`plotting.pipeline_map`) and its measured time (`measured_time`)."""
+    import io
+
     import matplotlib.pyplot as plt
+    from IPython.display import Image, display
 
     from .plotting import pipeline_map
 
-    pipeline_map(notebook[:2], title=f"notebook {notebook[:2]}: {what} (highlighted)")
-    plt.show()
+    fig = pipeline_map(notebook[:2], title=f"notebook {notebook[:2]}: {what} (highlighted)")
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)  # shown once, here: before `%matplotlib inline` a plt.show() would surface it under a later cell
+    display(Image(png.getvalue()))
     print(measured_time(notebook, times_file))
 
 
