@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .images import to_numpy_hwc
-from .stats import summarise
+from .stats import proportion_ci, summarise
 
 
 def _as_uint8(images) -> np.ndarray:
@@ -121,8 +121,6 @@ def learning_curves(runs: list[dict], keys=(("judge_shape", "judge"), ("strict_s
 
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 4))
-    from .stats import proportion_ci
-
     cmap = plt.get_cmap("tab10")
     top = 0.0
     for k, run in enumerate(runs):
@@ -133,9 +131,8 @@ def learning_curves(runs: list[dict], keys=(("judge_shape", "judge"), ("strict_s
             ax.plot(x, y, style, color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, markersize=3)
         n = run.get("final", {}).get("n")
         if n:  # the last point's 95% interval: how far apart two recipes must end to differ
-            _, lo, hi = proportion_ci(run["curve"][-1][keys[0][0]], n)
-            ax.errorbar([x[-1]], [run["curve"][-1][keys[0][0]]], yerr=[[run["curve"][-1][keys[0][0]] - lo], [hi - run["curve"][-1][keys[0][0]]]],
-                        color=cmap(k % 10), capsize=3, lw=1)
+            end, lo, hi = proportion_ci(run["curve"][-1][keys[0][0]], n)
+            ax.errorbar([x[-1]], [end], yerr=[[end - lo], [hi - end]], color=cmap(k % 10), capsize=3, lw=1)
             top = max(top, hi)
         ax.plot([], [], "-", color=cmap(k % 10), lw=2.5 if run["variant"] in highlight else 1.0, label=run["variant"])
     for (_, label), style in zip(keys, ("-o", "--s")):

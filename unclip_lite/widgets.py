@@ -95,15 +95,10 @@ class Explorer:
     def _repr_mimebundle_(self, include=None, exclude=None):
         """The widget for a live kernel, plus a static picture for a saved notebook (see the module doc)."""
         bundle = dict(self.widget._repr_mimebundle_(include=include, exclude=exclude) or {})
-        if self.images is not None:
-            bundle["image/png"] = base64.b64encode(to_png(self.images, self.scale)).decode("ascii")
-        state = f"error: {self.error}" if self.error else self.status.value
-        bundle["text/plain"] = f"{type(self).__name__} ({self.caption_line()}): {state}"
+        if self.images is not None:  # the strip `update()` already rendered for the image widget
+            bundle["image/png"] = base64.b64encode(self.image.value).decode("ascii")
+        bundle["text/plain"] = f"{type(self).__name__} ({self.caption_line()}): {self.status.value}"
         return bundle
-
-    def caption_line(self) -> str:
-        """What the strip shows, left to right, in words (the static picture's caption)."""
-        return "the strip"
 
     def _decode(self, z: torch.Tensor, x_t: torch.Tensor, guidance_scale: float = 1.0) -> torch.Tensor:
         """The one thing a slider move runs: the decoder (deterministic, eta = 0), then the upsampler."""
@@ -135,6 +130,10 @@ class Explorer:
         raise NotImplementedError
 
     def describe(self) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def caption_line(self) -> str:  # pragma: no cover - abstract
+        """What the strip shows, left to right, in words (the static picture's caption)."""
         raise NotImplementedError
 
 
